@@ -85,7 +85,7 @@ class Decoder(nnx.Module):
         value = jnp.asarray(rng.normal(0.0, init_std, shape), dtype)
       else:
         value = (jnp.zeros if init == "zeros" else jnp.ones)(shape, dtype)
-      return nnx.Param(value, sharding_names=axes, eager_sharding=False)
+      return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
     specs = param_specs(cfg)
     weights = weights or {}
