@@ -20,7 +20,7 @@ def hf_config(family: str):
   import transformers
 
   common = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
                 rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=2, pad_token_id=0)
   rope = {"rope_type": "default", "rope_theta": 10000.0}
   if family == "llama":

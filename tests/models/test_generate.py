@@ -89,13 +89,13 @@ def test_batched_prompts_equal_one_at_a_time():
 
 
 def test_prompt_longer_than_the_context():
-  model = base.tiny_random("llama")  # context 512
-  long_text = "x" * 600
+  model = base.tiny_random("llama")  # context 2048, one token per byte
+  long_text = "x" * 2100
   with pytest.raises(UserError, match="context"):
     model.generate([long_text], max_new_tokens=4)
   assert len(model.generate([long_text], max_new_tokens=4, truncation="left")) == 1
   with pytest.raises(UserError, match="exceeds the model's context"):
-    model.logits(list(range(600)))
+    model.logits([5] * 2100)
 
 
 def test_empty_prompt_is_refused():

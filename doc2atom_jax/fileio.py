@@ -1,0 +1,50 @@
+"""Reading user files with clear errors, and writing files atomically (never half-written)."""
+
+import contextlib
+import os
+import pathlib
+import tempfile
+
+from doc2atom_jax.errors import UserError
+
+
+def read_text(path) -> str:
+  """UTF-8 text of a user file; a missing file or invalid bytes give a UserError naming the place."""
+  path = pathlib.Path(path).expanduser()
+  try:
+    data = path.read_bytes()
+  except FileNotFoundError:
+    raise UserError(f"file not found: {path}") from None
+  except IsADirectoryError:
+    raise UserError(f"{path} is a directory, not a file") from None
+  except OSError as e:
+    raise UserError(f"cannot read {path}: {e.strerror}") from None
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data[:e.start].count(b"\n") + 1
+    raise UserError(f"{path} is not valid UTF-8 (byte {e.start}, line {line}: {data[e.start:e.start + 4]!r}); "
+                    "convert it to UTF-8 first") from None
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode: str = "w", **kwargs):
+  """Writes to a temporary file beside `path`, fsyncs it and renames it into place on success."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, mode, **kwargs) as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(tmp)
+    raise
+
+
+def atomic_write_text(path, text: str) -> None:
+  with atomic_open(path, "w", encoding="utf-8") as f:
+    f.write(text)
