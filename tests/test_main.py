@@ -33,10 +33,10 @@ def test_generate_mode_writes_answers(tmp_path):
   result = cli("--config.model.name=tiny-random-llama", workdir=tmp_path)
   assert result.returncode == 0, result.stderr[-3000:]
   records = [json.loads(l) for l in (tmp_path / "generate.jsonl").read_text().splitlines()]
-  assert [r["question"] for r in records] == ["Who founded the Orlen Observatory?",
-                                              "How wide is the lens of Old Lantern?"]
+  assert [r["question"] for r in records][:2] == ["Who founded the Orlen Observatory?",
+                                                  "In which year was the Orlen Observatory founded?"]
   assert all(r["model"] == "tiny-random-llama" for r in records)
-  assert result.stdout.count("A: ") == 2
+  assert result.stdout.count("A: ") == len(records) == 3
 
 
 def test_config_typo_is_one_clear_error():
