@@ -4,7 +4,7 @@
 #   bash launch/install.sh          # runtime
 #   bash launch/install.sh --test   # + pytest, chex and a CPU torch (reference-parity tests)
 #
-# Environment: PYTHON (interpreter, >= 3.11; default: the newest of python3.12, python3.11, python3),
+# Environment: PYTHON (interpreter, >= 3.11; default: the first of python3, python3.12, python3.11 that is),
 # VENV (virtualenv folder, default .venv). Re-running reuses the virtualenv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,14 +16,16 @@ case "${1:-}" in
   *) echo "usage: bash launch/install.sh [--test]" >&2; exit 2 ;;
 esac
 
+new_enough() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; }
 python=${PYTHON:-}
 if [ -z "$python" ]; then
-  for candidate in python3.12 python3.11 python3; do
-    if command -v "$candidate" >/dev/null 2>&1; then python=$candidate; break; fi
+  for candidate in python3 python3.12 python3.11 python3.13; do
+    if new_enough "$candidate"; then python=$candidate; break; fi
   done
 fi
-if [ -z "$python" ] || ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
-  echo "error: doc2atom_jax needs Python >= 3.11 (found: ${python:-none}); set PYTHON=/path/to/python3.11" >&2
+if [ -z "$python" ] || ! new_enough "$python"; then
+  echo "error: doc2atom_jax needs Python >= 3.11 (tried: ${python:-python3, python3.12, python3.11, python3.13});" \
+       "set PYTHON=/path/to/python3.11" >&2
   exit 2
 fi
 
