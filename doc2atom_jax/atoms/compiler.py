@@ -1,0 +1,195 @@
+"""The atom compiler: a Perceiver-style hypernetwork from an atom's hidden states to its codes and key.
+
+Per layer l, `n_t * r` learned latent queries (one per target and rank row, plus layer, type and target
+embeddings) cross-attend to the atom's span states at the *input* of layer l; residual MLP blocks and a
+parameter-free RMS normalization give **codes** `[L, n_t, r, c]`. A per-layer linear head maps a code row to
+one row of `A [d_in]` and one of `B [d_out]`, times learned per-layer, per-target scalers (B's start at 0, so a
+fresh compiler changes nothing, as a fresh LoRA). The head is linear and the code is its exact input, so
+an atom is *stored* as its codes and materialized at composition time (`compose.py`): L·n_t·r·c numbers
+instead of L·n_t·r·(d_in + d_out).
+
+Choices the design leaves open, and why:
+- Span states are RMS-normalized (no gain) before the input projection: the residual stream's scale grows
+  ~10-100x from the first to the last layer, and one shared projection must read all of them.
+- The key reads the masked mean of the span at one middle layer (`key_layer`), the same layer the router
+  reads for the question, so question and atom features come from one representation; a small MLP, a
+  type embedding and L2 normalization follow. Type logits share the MLP's hidden layer.
+- The null atom and the always-on default adapter are learned codes passed through the same head, so
+  every adapter in the system has one parameterization and one storage form.
+- The Doc-to-LoRA baseline is this module with `rank=8` applied to whole documents or fixed-length chunks
+  instead of atoms (DESIGN §3, §13): one trunk, so the budgets compare.
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from doc2atom_jax.atoms.atomize import ATOM_TYPES
+
+
+@dataclasses.dataclass(frozen=True)
+class CompilerConfig:
+  num_layers: int  # L of the base model
+  hidden_size: int  # d of the base model
+  target_dims: tuple[tuple[int, int], ...]  # (d_in, d_out) per target
+  targets: tuple[str, ...] = ("down",)
+  rank: int = 1  # r: micro rank per atom (8 for the d2l baseline)
+  code_dim: int = 256  # c
+  width: int = 256  # trunk width
+  num_blocks: int = 2  # cross-attention + MLP blocks (Doc-to-LoRA: 9 x 512)
+  num_heads: int = 4
+  mlp_ratio: int = 2
+  key_dim: int = 128
+  key_layer: int = -1  # layer whose input states give keys and router features; -1 = L // 2
+  default_rank: int = 2  # rank of the always-on default ("bias") adapter; 0 disables it
+  num_types: int = len(ATOM_TYPES)
+  alpha: float = 2.0  # fixed adapter scale (per atom rank)
+
+  @property
+  def layer_for_keys(self) -> int:
+    return self.key_layer if self.key_layer >= 0 else self.num_layers // 2
+
+  @property
+  def num_targets(self) -> int:
+    return len(self.targets)
+
+
+def config_for(model_cfg, **overrides) -> CompilerConfig:
+  """A CompilerConfig sized for a base model's DecoderConfig."""
+  targets = overrides.pop("targets", ("down",))
+  return CompilerConfig(num_layers=model_cfg.num_layers, hidden_size=model_cfg.hidden_size,
+                        target_dims=tuple(model_cfg.target_dims(t) for t in targets), targets=tuple(targets),
+                        **overrides)
+
+
+def _param(rng, shape, axes, std=None, value=None):
+  if value is None:
+    value = jax.random.normal(rng, shape, jnp.float32) * (std if std is not None else 1.0 / math.sqrt(shape[-2]))
+  return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def _rms(x, eps=1e-6):
+  return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+def _layer_norm(x, scale, eps=1e-6):
+  x = x - jnp.mean(x, axis=-1, keepdims=True)
+  return _rms(x, eps) * (1.0 + scale)
+
+
+def masked_mean(states, mask):
+  """Mean over the token axis (-2) of states [..., S, d] where mask [..., S] is True."""
+  weight = mask.astype(states.dtype)[..., None]
+  return jnp.sum(states * weight, axis=-2) / jnp.maximum(jnp.sum(weight, axis=-2), 1.0)
+
+
+class AtomCompiler(nnx.Module):
+  """Span states -> (codes, key, type logits); also holds the head, the null atom and the default adapter."""
+
+  def __init__(self, cfg: CompilerConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    L, d, w, c, r, nt = cfg.num_layers, cfg.hidden_size, cfg.width, cfg.code_dim, cfg.rank, cfg.num_targets
+    nb, f = cfg.num_blocks, cfg.width * cfg.mlp_ratio
+    key = lambda: rngs.params()
+    zeros = lambda *shape: jnp.zeros(shape, jnp.float32)
+    # Trunk.
+    self.in_proj = _param(key(), (d, w), ("embed", "width"))
+    self.latents = _param(key(), (nt, r, w), ("targets", "rank", "width"), std=1.0)
+    self.layer_emb = _param(key(), (L, w), ("layers", "width"), std=1.0)
+    self.type_emb = _param(key(), (cfg.num_types, w), ("types", "width"), std=1.0)
+    self.target_emb = _param(key(), (nt, w), ("targets", "width"), std=1.0)
+    self.blocks = nnx.data({
+        "q_norm": _param(None, (nb, w), ("blocks", "width"), value=zeros(nb, w)),
+        "kv_norm": _param(None, (nb, w), ("blocks", "width"), value=zeros(nb, w)),
+        "wq": _param(key(), (nb, w, w), ("blocks", "width", "width_out")),
+        "wk": _param(key(), (nb, w, w), ("blocks", "width", "width_out")),
+        "wv": _param(key(), (nb, w, w), ("blocks", "width", "width_out")),
+        "wo": _param(key(), (nb, w, w), ("blocks", "width", "width_out")),
+        "mlp_norm": _param(None, (nb, w), ("blocks", "width"), value=zeros(nb, w)),
+        "w1": _param(key(), (nb, w, f), ("blocks", "width", "mlp")),
+        "w2": _param(key(), (nb, f, w), ("blocks", "mlp", "width")),
+    })
+    self.out_norm = _param(None, (w,), ("width",), value=zeros(w))
+    self.code_proj = _param(key(), (w, c), ("width", "code"))
+    # Head: per layer and target, a linear map code -> one row of A and one of B, plus per-rank scalers.
+    # Rows of A start with entries ~ N(0, 1/d_in) (LoRA's scale) given unit-RMS codes.
+    self.head_a = nnx.data([_param(key(), (L, c, di), ("layers", "code", "adapter_in"), std=(c * di) ** -0.5)
+                            for di, _ in cfg.target_dims])
+    self.head_b = nnx.data([_param(key(), (L, c, do), ("layers", "code", "adapter_out"), std=(c * do) ** -0.5)
+                            for _, do in cfg.target_dims])
+    self.scale_a = _param(None, (L, nt, 1), ("layers", "targets", None), value=jnp.ones((L, nt, 1)))
+    self.scale_b = _param(None, (L, nt, 1), ("layers", "targets", None), value=zeros(L, nt, 1))
+    # Keys and types.
+    self.key_w1 = _param(key(), (d, w), ("embed", "width"))
+    self.key_w2 = _param(key(), (w, cfg.key_dim), ("width", "key"))
+    self.key_type = _param(key(), (cfg.num_types, cfg.key_dim), ("types", "key"), std=0.1)
+    self.type_head = _param(key(), (w, cfg.num_types), ("width", "types"))
+    # The null atom (abstain) and the always-on default adapter, as codes.
+    self.null_codes = _param(key(), (L, nt, r, c), ("layers", "targets", "rank", "code"), std=1.0)
+    self.null_key = _param(key(), (cfg.key_dim,), ("key",), std=1.0)
+    if cfg.default_rank:
+      self.default_codes = _param(key(), (L, nt, cfg.default_rank, c), ("layers", "targets", "rank", "code"), std=1.0)
+
+  # -- trunk --------------------------------------------------------------------------------------------
+  def _block(self, b: int, h, ctx, ctx_mask):
+    """Latents h [..., Q, w] cross-attend to context ctx [..., S, w]; then a residual MLP."""
+    p = {k: v[b] for k, v in self.blocks.items()}
+    heads, w = self.cfg.num_heads, self.cfg.width
+    split = lambda x: x.reshape(*x.shape[:-1], heads, w // heads)
+    q = split(_layer_norm(h, p["q_norm"]) @ p["wq"])
+    kv_in = _layer_norm(ctx, p["kv_norm"])
+    k, v = split(kv_in @ p["wk"]), split(kv_in @ p["wv"])
+    scores = jnp.einsum("...qhd,...shd->...hqs", q, k) / math.sqrt(w // heads)
+    scores = jnp.where(ctx_mask[..., None, None, :], scores, -1e30)
+    att = jnp.einsum("...hqs,...shd->...qhd", jax.nn.softmax(scores, axis=-1), v)
+    h = h + att.reshape(*att.shape[:-2], w) @ p["wo"]
+    return h + jax.nn.gelu(_layer_norm(h, p["mlp_norm"]) @ p["w1"]) @ p["w2"]
+
+  def codes(self, span_states, span_mask, types):
+    """span_states [L, N, S, d] (inputs of each layer), span_mask [N, S], types [N] -> codes [N, L, n_t, r, c]."""
+    cfg = self.cfg
+    L, N = span_states.shape[:2]
+    ctx = _rms(span_states.astype(jnp.float32)) @ self.in_proj[...]  # [L, N, S, w]
+    ctx = ctx + self.layer_emb[...][:, None, None, :]
+    queries = (self.latents[...][None, None] + self.target_emb[...][None, None, :, None]
+               + self.layer_emb[...][:, None, None, None] + self.type_emb[...][types][None, :, None, None])
+    h = queries.reshape(L, N, cfg.num_targets * cfg.rank, cfg.width)  # [L, N, Q, w]
+    mask = jnp.broadcast_to(span_mask[None], (L, *span_mask.shape))
+    for b in range(cfg.num_blocks):
+      h = self._block(b, h, ctx, mask)
+    codes = _rms(_layer_norm(h, self.out_norm[...]) @ self.code_proj[...])
+    codes = codes.reshape(L, N, cfg.num_targets, cfg.rank, cfg.code_dim)
+    return jnp.moveaxis(codes, 1, 0)
+
+  def _pooled_features(self, states, mask):
+    """Masked mean of RMS-normalized states at the key layer -> the MLP's hidden layer [..., w]."""
+    pooled = masked_mean(_rms(states.astype(jnp.float32)), mask)
+    return jax.nn.gelu(pooled @ self.key_w1[...])
+
+  def keys(self, key_layer_states, span_mask, types):
+    """States of the key layer [N, S, d] -> (normalized keys [N, d_k], type logits [N, n_types])."""
+    hidden = self._pooled_features(key_layer_states, span_mask)
+    keys = hidden @ self.key_w2[...] + self.key_type[...][types]
+    return _l2(keys), hidden @ self.type_head[...]
+
+  def __call__(self, span_states, span_mask, types):
+    """Compiles N atoms at once: (codes [N, L, n_t, r, c], keys [N, d_k], type logits [N, n_types])."""
+    codes = self.codes(span_states, span_mask, types)
+    keys, type_logits = self.keys(span_states[self.cfg.layer_for_keys], span_mask, types)
+    return codes, keys, type_logits
+
+  def null(self):
+    """(codes [L, n_t, r, c], normalized key [d_k]) of the null atom."""
+    return self.null_codes[...], _l2(self.null_key[...])
+
+  def head(self) -> dict:
+    """The linear head as a pytree for `compose`: per-target A/B maps and scalers."""
+    return {"a": [h[...] for h in self.head_a], "b": [h[...] for h in self.head_b],
+            "scale_a": self.scale_a[...], "scale_b": self.scale_b[...]}
+
+
+def _l2(x, eps=1e-6):
+  return x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)

@@ -1,0 +1,91 @@
+"""The router: question -> query vector -> scores over the atoms in scope -> top-k atoms and their weights.
+
+The question alone goes through the frozen base model; its token states at the compiler's key layer are
+RMS-normalized, mean-pooled and mapped by a small MLP to a unit query `q [d_k]`. Scores are
+`s_i = q·k_i / τ` (τ learned, started at 0.1) over the atoms in scope plus the **null atom**, which always
+sits in the last column: if it ranks first the system abstains.
+
+Training relaxation — straight-through top-k: the forward pass uses exactly the inference weights (the
+normalized top-k, zero elsewhere), the backward pass the gradient of a softmax over *all* in-scope atoms.
+Chosen over Gumbel top-k because it adds no sampling noise to a signal that is already weak early in
+training, and because train and inference then compose the very same adapter. Its cost grows with the
+number of atoms in scope (every atom is composed, most with weight 0), not with k.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from doc2atom_jax.atoms.compiler import CompilerConfig, _l2, _param, _rms, masked_mean
+from doc2atom_jax.atoms.compose import NULL_INDEX
+
+NORMALIZATIONS = ("softmax", "sigmoid", "softmax_k")
+
+
+class Router(nnx.Module):
+  def __init__(self, cfg: CompilerConfig, *, rngs: nnx.Rngs, temperature: float = 0.1):
+    self.cfg = cfg
+    self.w1 = _param(rngs.params(), (cfg.hidden_size, cfg.width), ("embed", "width"))
+    self.w2 = _param(rngs.params(), (cfg.width, cfg.key_dim), ("width", "key"))
+    self.log_inv_temperature = _param(None, (), (), value=jnp.asarray(math.log(1.0 / temperature), jnp.float32))
+
+  def query(self, question_states, question_mask):
+    """Key-layer states of the question [B, T, d] (+ mask [B, T]) -> unit queries [B, d_k]."""
+    pooled = masked_mean(_rms(question_states.astype(jnp.float32)), question_mask)
+    return _l2(jax.nn.gelu(pooled @ self.w1[...]) @ self.w2[...])
+
+  def scores(self, queries, keys, key_mask, null_key):
+    """queries [B, d_k]; keys [N, d_k] or per example [B, N, d_k]; key_mask like keys without d_k.
+
+    Returns [B, N + 1] scores; masked (padding) atoms get -inf; the null atom is the last column.
+    """
+    inv_t = jnp.exp(self.log_inv_temperature[...])
+    if keys.ndim == 2:
+      s, mask = queries @ keys.T, jnp.broadcast_to(key_mask, (queries.shape[0], keys.shape[0]))
+    else:
+      s, mask = jnp.einsum("bd,bnd->bn", queries, keys), key_mask
+    s = jnp.where(mask, s * inv_t, -jnp.inf)
+    null = (queries @ null_key)[:, None] * inv_t
+    return jnp.concatenate([s, null], axis=-1)
+
+
+def _normalize(top_scores, normalization: str):
+  finite = jnp.isfinite(top_scores)
+  if normalization == "sigmoid":
+    w = jax.nn.sigmoid(jnp.where(finite, top_scores, -1e30))
+  elif normalization in ("softmax", "softmax_k"):
+    w = jax.nn.softmax(jnp.where(finite, top_scores, -1e30), axis=-1)
+    if normalization == "softmax_k":
+      w = w * top_scores.shape[-1]
+  else:
+    raise ValueError(f"unknown weight normalization {normalization!r}; valid: {', '.join(NORMALIZATIONS)}")
+  return jnp.where(finite, w, 0.0)
+
+
+def column_to_index(columns, num_atoms: int):
+  """Score columns -> bank indices, the null column (last) becoming NULL_INDEX."""
+  return jnp.where(columns == num_atoms, NULL_INDEX, columns)
+
+
+def select(scores, k: int, normalization: str = "softmax"):
+  """Top-k over [B, N + 1] scores -> (indices [B, k] with NULL_INDEX for the null atom, weights [B, k],
+  abstain [B]). When k exceeds the valid atoms, the extra slots get weight 0 (and index 0, harmless)."""
+  k = min(k, scores.shape[-1])
+  top, columns = jax.lax.top_k(scores, k)
+  weights = _normalize(top, normalization)
+  num_atoms = scores.shape[-1] - 1
+  indices = jnp.where(jnp.isfinite(top), column_to_index(columns, num_atoms), 0)
+  abstain = columns[:, 0] == num_atoms
+  return indices, weights, abstain
+
+
+def relaxed_weights(scores, k: int, normalization: str = "softmax"):
+  """Straight-through top-k weights over all columns [B, N + 1]: forward = `select`'s weights scattered to
+  their columns (0 elsewhere); backward = d softmax(scores) over the in-scope atoms and the null atom."""
+  k = min(k, scores.shape[-1])
+  top, columns = jax.lax.top_k(scores, k)
+  hard = jnp.zeros_like(scores).at[jnp.arange(scores.shape[0])[:, None], columns].set(_normalize(top, normalization))
+  soft = jax.nn.softmax(jnp.where(jnp.isfinite(scores), scores, -1e30), axis=-1)
+  return jax.lax.stop_gradient(hard) + soft - jax.lax.stop_gradient(soft)
