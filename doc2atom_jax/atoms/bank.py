@@ -1,0 +1,466 @@
+"""Atom banks (DESIGN §2.3–2.5, §9, §11): compiled documents on disk, appended one by one, loaded whole.
+
+A bank stores, per document, its atoms' codes (the compiler's output, turned into LoRA factors by the
+linear head later), keys (routing vectors), types and provenance. Nothing here is specific to doc2atom:
+a Doc-to-LoRA chunk is an "atom" with a larger rank.
+
+Format (version 1), a directory:
+
+  manifest.json        {"format": "doc2atom-atom-bank", "format_version": 1, "fingerprint", "meta",
+                        "code_dtype": "bfloat16" | "float32", "code_shape": [L, n_t, r, c] | null,
+                        "key_dim": d_k | null, "atom_types": [...], "num_atoms",
+                        "documents": [{"doc_id", "shard", "num_atoms", "bytes", "sha256"}, ...],
+                        "checksum": sha256 of the canonical JSON of everything else}
+  shards/000042.safetensors
+                       one per document; tensors "codes" [n, L, n_t, r, c] (bfloat16 stored as its uint16
+                       bit pattern, since safetensors' numpy loader cannot read BF16; or float32),
+                       "keys" [n, d_k] float32, "types" [n] int32 (indices into "atom_types");
+                       string metadata: format, format_version, doc_id, code_dtype, text (the document)
+                       and atoms (JSON list of {index, type, char_start, char_end, token_start,
+                       token_end}; an atom's text is the document slice, checked on append).
+  .lock                flock'ed by appenders, so two writers cannot interleave.
+
+`code_shape` and `key_dim` are fixed by the first document appended. Appending writes the new shards
+atomically (temp + fsync + rename), fsyncs the directory, then replaces the manifest atomically: a crash in
+between leaves orphan shards, which `load` never reads (it reads only what the manifest lists) and the
+next append deletes. `load` checks every listed shard's size and sha256, and the manifest's own checksum,
+so truncated or bit-flipped files are a `UserError` naming the file, never silently wrong numbers.
+"""
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import math
+import os
+import pathlib
+from collections.abc import Iterable, Sequence
+
+import ml_dtypes
+import numpy as np
+import safetensors.numpy
+
+from doc2atom_jax import fileio
+from doc2atom_jax.atoms import atomize
+from doc2atom_jax.errors import UserError
+
+FORMAT_VERSION = 1
+FORMAT_NAME = "doc2atom-atom-bank"
+MANIFEST = "manifest.json"
+SHARD_DIR = "shards"
+LOCK = ".lock"
+CODE_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
+_STORED_AS = {"bfloat16": np.uint16, "float32": np.float32}  # the bit pattern written to the shard
+_FIRST_BUCKET = 64
+_BUCKET_GROWTH = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class BankDocument:
+  """One compiled document, as appended to (and returned from) a bank."""
+  doc_id: str
+  text: str  # the document text: ask mode prints atom spans from it
+  atoms: tuple  # tuple[atomize.Atom, ...]
+  codes: np.ndarray  # [n, L, n_t, r, c] float32
+  keys: np.ndarray  # [n, d_k] float32
+
+
+@dataclasses.dataclass
+class AtomBank:
+  """A loaded bank: all documents concatenated along the atom axis, in append order."""
+  path: pathlib.Path
+  fingerprint: str
+  meta: dict
+  doc_ids: list[str]
+  doc_offsets: np.ndarray  # [num_docs + 1]: atoms of doc j are rows doc_offsets[j]:doc_offsets[j + 1]
+  codes: np.ndarray  # [N, L, n_t, r, c] float32
+  keys: np.ndarray  # [N, d_k] float32
+  types: np.ndarray  # [N] int32, indices into atomize.ATOM_TYPES
+  atoms: list  # list[atomize.Atom], N entries
+  texts: dict[str, str]  # doc_id -> document text
+  code_dtype: str  # how the codes are stored ("bfloat16" or "float32")
+
+  def __len__(self) -> int:
+    return len(self.atoms)
+
+  def document(self, doc_id: str) -> BankDocument:
+    """The stored document `doc_id` (views into the bank's arrays)."""
+    try:
+      j = self.doc_ids.index(doc_id)
+    except ValueError:
+      shown = ", ".join(map(repr, self.doc_ids[:5])) + (", ..." if len(self.doc_ids) > 5 else "")
+      raise UserError(f"no document {doc_id!r} in the atom bank at {self.path} "
+                      f"({len(self.doc_ids)} documents: {shown})") from None
+    rows = slice(int(self.doc_offsets[j]), int(self.doc_offsets[j + 1]))
+    return BankDocument(doc_id, self.texts[doc_id], tuple(self.atoms[rows]), self.codes[rows], self.keys[rows])
+
+  def padded(self, bucket_sizes: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes, keys, mask) padded with zeros (mask False) to `bucket_size(len(self))` rows.
+
+    Jitted routing and composition then trace once per bucket, not once per bank size.
+    """
+    n, size = len(self), bucket_size(len(self), bucket_sizes)
+    codes = np.zeros((size, *self.codes.shape[1:]), np.float32)
+    keys = np.zeros((size, *self.keys.shape[1:]), np.float32)
+    codes[:n], keys[:n] = self.codes, self.keys
+    return codes, keys, np.arange(size) < n
+
+
+def bucket_size(n: int, bucket_sizes: Sequence[int] | None = None) -> int:
+  """The smallest bucket >= n: from `bucket_sizes`, or else the unbounded ladder 64, 256, 1024, ..."""
+  if bucket_sizes is None:
+    size = _FIRST_BUCKET
+    while size < n:
+      size *= _BUCKET_GROWTH
+    return size
+  fitting = [b for b in bucket_sizes if b >= n]
+  if not fitting:
+    raise UserError(f"{n} atoms do not fit the largest bucket ({max(bucket_sizes, default=0)}); "
+                    "add a larger bucket size")
+  return min(fitting)
+
+
+def bytes_per_atom(codes_shape: Sequence[int], code_dtype: str = "bfloat16", *, key_dim: int = 0) -> int:
+  """Storage bytes of one atom's codes (plus its float32 key if `key_dim`), for memory accounting.
+
+  `codes_shape` is (L, n_t, r, c) or a whole codes shape (n, L, n_t, r, c).
+  """
+  if len(codes_shape) not in (4, 5):
+    raise ValueError(f"expected (L, n_t, r, c) or (n, L, n_t, r, c), got {tuple(codes_shape)}")
+  per_atom = codes_shape[-4:]
+  return math.prod(per_atom) * np.dtype(_code_dtype(code_dtype)).itemsize + 4 * key_dim
+
+
+# --------------------------------------------------------------------------------------------------------
+# Public operations.
+
+
+def create(path, *, fingerprint: str, meta: dict, code_dtype: str = "bfloat16") -> None:
+  """Makes a new, empty bank at `path`; an existing bank (or any non-empty directory) is a UserError."""
+  path = pathlib.Path(path).expanduser()
+  _code_dtype(code_dtype)
+  if not isinstance(fingerprint, str) or not fingerprint:
+    raise UserError("an atom bank needs a non-empty fingerprint string (base model + compiler + config)")
+  if (path / MANIFEST).exists():
+    raise UserError(f"an atom bank already exists at {path}; choose another path or delete it first")
+  if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    raise UserError(f"{path} exists and is not an empty directory; choose another path for the atom bank")
+  manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "fingerprint": fingerprint,
+              "meta": _json_roundtrip(meta, "bank metadata"), "code_dtype": code_dtype, "code_shape": None,
+              "key_dim": None, "atom_types": list(atomize.ATOM_TYPES), "num_atoms": 0, "documents": []}
+  (path / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+  (path / LOCK).touch()
+  _write_manifest(path, manifest)
+
+
+def append(path, document: BankDocument, *, fingerprint: str) -> None:
+  """Adds one document to the bank at `path` (see `append_many`)."""
+  append_many(path, [document], fingerprint=fingerprint)
+
+
+def append_many(path, documents: Iterable[BankDocument], *, fingerprint: str) -> None:
+  """Adds documents in order, all or none: every check passes before anything is written.
+
+  The manifest is rewritten once, after all shards are on disk.
+  """
+  path = pathlib.Path(path).expanduser()
+  documents = list(documents)
+  for doc in documents:
+    _check_document(doc)
+  with _locked(path):
+    manifest = _read_manifest(path)
+    _check_fingerprint(path, manifest["fingerprint"], fingerprint)
+    _check_fit(manifest, documents)
+    if not documents:
+      return
+    _remove_orphans(path, manifest)
+    entries = [_write_shard(path, len(manifest["documents"]) + i, doc, manifest["code_dtype"])
+               for i, doc in enumerate(documents)]
+    _fsync_dir(path / SHARD_DIR)
+    _write_manifest(path, _with_documents(manifest, documents, entries))
+
+
+def load(path, *, fingerprint: str | None = None) -> AtomBank:
+  """The whole bank, every shard verified; `fingerprint` (unless None) must match the bank's."""
+  path = pathlib.Path(path).expanduser()
+  manifest = _read_manifest(path)
+  if fingerprint is not None:
+    _check_fingerprint(path, manifest["fingerprint"], fingerprint)
+  if manifest["atom_types"] != list(atomize.ATOM_TYPES):
+    raise UserError(f"the atom bank at {path} uses atom types {manifest['atom_types']}, this program "
+                    f"{list(atomize.ATOM_TYPES)}; rebuild the bank")
+  docs = manifest["documents"]
+  offsets = np.cumsum([0] + [d["num_atoms"] for d in docs])
+  code_shape, key_dim = manifest["code_shape"] or (0, 0, 0, 0), manifest["key_dim"] or 0
+  codes = np.empty((offsets[-1], *code_shape), np.float32)
+  keys = np.empty((offsets[-1], key_dim), np.float32)
+  types = np.empty((offsets[-1],), np.int32)
+  atoms, texts = [], {}
+  for j, entry in enumerate(docs):
+    rows = slice(offsets[j], offsets[j + 1])
+    doc, types[rows] = _read_shard(path, entry, manifest)
+    codes[rows], keys[rows], texts[doc.doc_id] = doc.codes, doc.keys, doc.text
+    atoms.extend(doc.atoms)
+  return AtomBank(path, manifest["fingerprint"], manifest["meta"], [d["doc_id"] for d in docs], offsets,
+                  codes, keys, types, atoms, texts, manifest["code_dtype"])
+
+
+def info(path) -> dict:
+  """A summary from the manifest alone (no shard is read)."""
+  path = pathlib.Path(path).expanduser()
+  manifest = _read_manifest(path)
+  docs = manifest["documents"]
+  shape = manifest["code_shape"]
+  return {"path": str(path), "format_version": manifest["format_version"],
+          "fingerprint": manifest["fingerprint"], "meta": manifest["meta"],
+          "code_dtype": manifest["code_dtype"], "code_shape": shape, "key_dim": manifest["key_dim"],
+          "num_documents": len(docs), "num_atoms": manifest["num_atoms"],
+          "bytes": sum(d["bytes"] for d in docs),
+          "bytes_per_atom": bytes_per_atom(shape, manifest["code_dtype"]) if shape else None,
+          "doc_ids": [d["doc_id"] for d in docs]}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Checks on documents to append.
+
+
+def _check_document(doc: BankDocument) -> None:
+  """A document must be self-consistent before it can be compared with a bank."""
+  if not isinstance(doc, BankDocument):
+    raise TypeError(f"expected a BankDocument, got {type(doc).__name__}")
+  if not isinstance(doc.doc_id, str) or not doc.doc_id:
+    raise UserError(f"a document id must be a non-empty string, got {doc.doc_id!r}")
+  where = f"document {doc.doc_id!r}"
+  n = len(doc.atoms)
+  if n == 0:
+    raise UserError(f"{where} has no atoms: nothing to store in the atom bank")
+  codes, keys = np.asarray(doc.codes), np.asarray(doc.keys)
+  if codes.ndim != 5 or keys.ndim != 2:
+    raise UserError(f"{where}: codes must be [n, L, n_t, r, c] and keys [n, d_k], "
+                    f"got {codes.shape} and {keys.shape}")
+  if codes.shape[0] != n or keys.shape[0] != n:
+    raise UserError(f"{where}: {n} atoms but {codes.shape[0]} rows of codes and {keys.shape[0]} of keys")
+  for name, array in (("codes", codes), ("keys", keys)):
+    if not np.all(np.isfinite(array)):
+      raise UserError(f"{where}: {name} contain NaN or infinite values; refusing to store them")
+  for i, atom in enumerate(doc.atoms):
+    _check_atom(doc, i, atom)
+
+
+def _check_atom(doc: BankDocument, i: int, atom) -> None:
+  """An atom's provenance must point into its document, since ask mode prints spans from the text."""
+  where = f"document {doc.doc_id!r}, atom {i}"
+  if not isinstance(atom, atomize.Atom):
+    raise TypeError(f"{where}: expected an atomize.Atom, got {type(atom).__name__}")
+  if atom.doc_id != doc.doc_id:
+    raise UserError(f"{where} belongs to document {atom.doc_id!r}")
+  if atom.type not in atomize.ATOM_TYPES:
+    raise UserError(f"{where}: unknown atom type {atom.type!r}; valid: {', '.join(atomize.ATOM_TYPES)}")
+  if not 0 <= atom.char_start <= atom.char_end <= len(doc.text) or \
+      doc.text[atom.char_start:atom.char_end] != atom.text:
+    raise UserError(f"{where}: text {atom.text[:40]!r} is not the document's characters "
+                    f"[{atom.char_start}:{atom.char_end}]")
+
+
+def _check_fit(manifest: dict, documents: list[BankDocument]) -> None:
+  """New documents must have fresh ids, the bank's shapes, and codes representable in its dtype."""
+  seen = {d["doc_id"] for d in manifest["documents"]}
+  code_shape, key_dim = manifest["code_shape"], manifest["key_dim"]
+  for doc in documents:
+    if doc.doc_id in seen:
+      raise UserError(f"document {doc.doc_id!r} is already in the atom bank; give it another id")
+    seen.add(doc.doc_id)
+    shape, dim = list(np.shape(doc.codes)[1:]), np.shape(doc.keys)[1]
+    code_shape, key_dim = code_shape or shape, key_dim or dim
+    if shape != code_shape or dim != key_dim:
+      raise UserError(f"document {doc.doc_id!r}: codes [L, n_t, r, c] = {shape} and key size {dim} do not "
+                      f"match the atom bank's {code_shape} and {key_dim}")
+    if not np.all(np.isfinite(np.asarray(doc.codes, np.float32).astype(CODE_DTYPES[manifest["code_dtype"]]))):
+      raise UserError(f"document {doc.doc_id!r}: codes overflow {manifest['code_dtype']}; "
+                      "store the bank in float32")
+
+
+def _check_fingerprint(path: pathlib.Path, bank: str, current: str) -> None:
+  if bank != current:
+    a, b = _shorten_pair(bank, current)
+    raise UserError(f"the atom bank at {path} was made by another model/compiler (bank fingerprint {a}, "
+                    f"current {b}); rebuild the bank or use the model and compiler that made it")
+
+
+def _shorten_pair(a: str, b: str, width: int = 32) -> tuple[str, str]:
+  """Both strings cut to a window of `width` characters around where they first differ."""
+  first_diff = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+  start = max(0, first_diff - width // 4)
+
+  def cut(s):
+    return ("…" if start else "") + s[start:start + width] + ("…" if len(s) > start + width else "")
+
+  return repr(cut(a)), repr(cut(b))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Shards.
+
+
+def _write_shard(path: pathlib.Path, number: int, doc: BankDocument, code_dtype: str) -> dict:
+  """Writes one document's shard atomically; returns its manifest entry."""
+  name = f"{SHARD_DIR}/{number:06d}.safetensors"
+  data = _encode_shard(doc, code_dtype)
+  with fileio.atomic_open(path / name, "wb") as f:
+    f.write(data)
+  return {"doc_id": doc.doc_id, "shard": name, "num_atoms": len(doc.atoms), "bytes": len(data),
+          "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _encode_shard(doc: BankDocument, code_dtype: str) -> bytes:
+  tensors = {"codes": _stored_codes(doc.codes, code_dtype),
+             "keys": np.ascontiguousarray(doc.keys, np.float32),
+             "types": np.array([atomize.ATOM_TYPES.index(a.type) for a in doc.atoms], np.int32)}
+  atoms = [_atom_record(a) for a in doc.atoms]
+  metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "doc_id": doc.doc_id,
+              "code_dtype": code_dtype, "text": doc.text, "atoms": json.dumps(atoms, separators=(",", ":"))}
+  return safetensors.numpy.save(tensors, metadata=metadata)
+
+
+def _atom_record(atom: atomize.Atom) -> dict:
+  """The atom's provenance; doc_id and text are restored from the shard's document."""
+  return {"index": int(atom.index), "type": atom.type, "char_start": int(atom.char_start),
+          "char_end": int(atom.char_end), "token_start": int(atom.token_start), "token_end": int(atom.token_end)}
+
+
+def _stored_codes(codes, code_dtype: str) -> np.ndarray:
+  """float32 codes -> the array written to disk (bfloat16 as its uint16 bit pattern)."""
+  cast = np.asarray(codes, np.float32).astype(CODE_DTYPES[code_dtype])
+  return np.ascontiguousarray(cast.view(_STORED_AS[code_dtype]))
+
+
+def _read_shard(path: pathlib.Path, entry: dict, manifest: dict) -> tuple[BankDocument, np.ndarray]:
+  """One verified shard as (document with float32 codes, types)."""
+  file = path / entry["shard"]
+  data = _verified_bytes(file, entry)
+  try:
+    tensors = safetensors.numpy.load(data)
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    meta = header["__metadata__"]
+    atoms = tuple(atomize.Atom(doc_id=entry["doc_id"], text=meta["text"][a["char_start"]:a["char_end"]], **a)
+                  for a in json.loads(meta["atoms"]))
+    stored = tensors["codes"].view(CODE_DTYPES[meta["code_dtype"]])
+    doc = BankDocument(meta["doc_id"], meta["text"], atoms, stored.astype(np.float32), tensors["keys"])
+    types = tensors["types"]
+  except Exception as e:  # sha256 matched, so only a hand-made or foreign file gets here
+    raise UserError(f"{file} is not a valid atom bank shard ({type(e).__name__}: {e})") from None
+  expected = (entry["num_atoms"], *manifest["code_shape"])
+  if doc.doc_id != entry["doc_id"] or doc.codes.shape != expected or len(atoms) != len(types):
+    raise UserError(f"{file} does not match {path / MANIFEST} (document {doc.doc_id!r}, codes {doc.codes.shape})")
+  return doc, types
+
+
+def _verified_bytes(file: pathlib.Path, entry: dict) -> bytes:
+  """The file's bytes, if their size and sha256 match the manifest entry."""
+  try:
+    data = file.read_bytes()
+  except FileNotFoundError:
+    raise UserError(f"{file} is missing (listed in the atom bank's manifest); the bank is damaged") from None
+  except OSError as e:
+    raise UserError(f"cannot read {file}: {e.strerror}") from None
+  if len(data) != entry["bytes"]:
+    raise UserError(f"{file} is truncated or corrupt: {len(data)} bytes, the manifest says {entry['bytes']}")
+  if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+    raise UserError(f"{file} is corrupt: its sha256 does not match the manifest")
+  return data
+
+
+def _remove_orphans(path: pathlib.Path, manifest: dict) -> None:
+  """Deletes shard-directory files the manifest does not list (left by a crash mid-append)."""
+  listed = {pathlib.PurePath(d["shard"]).name for d in manifest["documents"]}
+  for file in (path / SHARD_DIR).iterdir():
+    if file.name not in listed and file.is_file():
+      file.unlink()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Manifest.
+
+
+def _read_manifest(path: pathlib.Path) -> dict:
+  """The manifest, checked for format, version and checksum."""
+  file = path / MANIFEST
+  if not file.is_file():
+    raise UserError(f"no atom bank at {path}" + (" (no manifest.json)" if path.is_dir() else ""))
+  try:
+    manifest = json.loads(file.read_bytes())
+  except (ValueError, OSError) as e:
+    raise UserError(f"{file} is corrupt or unreadable ({e}); the atom bank is damaged") from None
+  if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+    raise UserError(f"{file} is not an atom bank manifest")
+  version = manifest.get("format_version")
+  if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+    raise UserError(f"{file} has atom bank format version {version!r}; this program reads versions up to "
+                    f"{FORMAT_VERSION}: upgrade doc2atom_jax or rebuild the bank")
+  if manifest.get("checksum") != _checksum(manifest):
+    raise UserError(f"{file} is corrupt (checksum mismatch); the atom bank is damaged")
+  return manifest
+
+
+def _write_manifest(path: pathlib.Path, manifest: dict) -> None:
+  manifest = {**manifest, "checksum": _checksum(manifest)}
+  fileio.atomic_write_text(path / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+  _fsync_dir(path)
+
+
+def _checksum(manifest: dict) -> str:
+  """sha256 of the canonical JSON of the manifest without its checksum: catches edits JSON parsing can't."""
+  body = {k: v for k, v in manifest.items() if k != "checksum"}
+  canonical = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+  return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _with_documents(manifest: dict, documents: list[BankDocument], entries: list[dict]) -> dict:
+  """The manifest after appending `documents` (their shards described by `entries`)."""
+  first = documents[0]
+  return {**manifest,
+          "code_shape": manifest["code_shape"] or [int(x) for x in np.shape(first.codes)[1:]],
+          "key_dim": manifest["key_dim"] or int(np.shape(first.keys)[1]),
+          "num_atoms": manifest["num_atoms"] + sum(e["num_atoms"] for e in entries),
+          "documents": manifest["documents"] + entries}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Small helpers.
+
+
+def _code_dtype(name: str):
+  if name not in CODE_DTYPES:
+    raise UserError(f"unknown code dtype {name!r}; valid: {', '.join(CODE_DTYPES)}")
+  return CODE_DTYPES[name]
+
+
+def _json_roundtrip(value, what: str):
+  """`value` as it will read back from JSON (tuples become lists); non-JSON values are a UserError."""
+  try:
+    return json.loads(json.dumps(value, allow_nan=False))
+  except (TypeError, ValueError) as e:
+    raise UserError(f"{what} must be plain JSON (strings, numbers, lists, dicts): {e}") from None
+
+
+@contextlib.contextmanager
+def _locked(path: pathlib.Path):
+  """Holds the bank's exclusive lock, so concurrent appenders cannot lose each other's documents."""
+  if not (path / MANIFEST).is_file():
+    raise UserError(f"no atom bank at {path}; create it first")
+  with open(path / LOCK, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _fsync_dir(path: pathlib.Path) -> None:
+  """Makes renames inside `path` durable, so the manifest never outlives the shards it lists."""
+  fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
