@@ -2,6 +2,11 @@
 
 Run:
   python -m doc2atom_jax.main --config=configs/quickstart.py --workdir=runs/quickstart
+Documents -> an atom bank, then a question against it (the compiler is untrained until the trainer lands):
+  python -m doc2atom_jax.main --config=configs/quickstart.py --config.mode=compile \
+      --config.compile.input=docs.jsonl --workdir=runs/quickstart
+  python -m doc2atom_jax.main --config=configs/quickstart.py --config.mode=ask \
+      --config.ask.bank=runs/quickstart/banks/docs --config.ask.question="Who founded the Orlen Observatory?"
 Override any field, e.g.:
   python -m doc2atom_jax.main --config=configs/quickstart.py --config.generate.question="When was it founded?"
   python -m doc2atom_jax.main --config=configs/quickstart.py --config.model.name=tiny-random-llama
@@ -19,7 +24,7 @@ DOCUMENT = (
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg
   c = ml_collections.ConfigDict()
-  c.mode = "generate"  # the only mode so far; train/eval/compile/ask/export arrive with their issues
+  c.mode = "generate"  # generate | compile | ask (train/eval/export arrive with their issues)
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()
@@ -38,6 +43,41 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.generate.temperature = 0.0  # 0 = greedy
   c.generate.top_p = 1.0
   c.generate.truncation = "error"  # or "left": keep the end of prompts that exceed the context
+
+  # The atom system (DESIGN §2): method, atomizer, routing.
+  c.atoms = ml_collections.ConfigDict()
+  c.atoms.method = "doc2atom"  # doc2atom | d2l (chunks, no router) | d2l_atom (atoms, no router)
+  c.atoms.min_atom_tokens = 4
+  c.atoms.max_atom_tokens = 48
+  c.atoms.chunk_tokens = 0  # d2l: tokens per chunk; 0 = the whole document
+  c.atoms.k = 4
+  c.atoms.normalization = "softmax"  # softmax | sigmoid | softmax_k
+  c.atoms.max_chunk_tokens = 0  # encode long documents in chunks of this many tokens; 0 = the model's context
+  c.atoms.code_dtype = "bfloat16"  # storage of codes in banks
+
+  # The compiler (hypernetwork) and router; CPU-sized trunk.
+  c.compiler = ml_collections.ConfigDict()
+  c.compiler.targets = ("down",)
+  c.compiler.rank = 1  # 8 for d2l
+  c.compiler.code_dim = 256
+  c.compiler.width = 256
+  c.compiler.num_blocks = 2
+  c.compiler.num_heads = 4
+  c.compiler.key_dim = 128
+  c.compiler.default_rank = 2
+  c.compiler.alpha = 2.0
+
+  # mode=compile: a JSONL of documents ({"doc_id"|"id", "text"|"context"} per line) -> an atom bank.
+  c.compile = ml_collections.ConfigDict()
+  c.compile.input = ""
+  c.compile.bank = ""  # default: <workdir>/banks/<input file stem>
+
+  # mode=ask: a question against a bank -> the answer and the atoms used (with their text spans).
+  c.ask = ml_collections.ConfigDict()
+  c.ask.bank = ""
+  c.ask.question = ""
+  c.ask.doc_id = ""  # d2l / d2l_atom compose one document's adapters: which one
+  c.ask.max_new_tokens = 24
 
   c.lock()
   return c

@@ -39,4 +39,103 @@ def generate(config, workdir: pathlib.Path | None) -> list[dict]:
   return records
 
 
-MODES = {"generate": generate}
+
+# ---------------------------------------------------------------------------------------------------------
+# The atom system: compile documents into a bank, ask a bank a question.
+# ---------------------------------------------------------------------------------------------------------
+def build_system(config):
+  from doc2atom_jax.atoms import compiler as compiler_lib, pipeline
+
+  method = pipeline.MethodConfig(
+      method=config.atoms.method, min_atom_tokens=config.atoms.min_atom_tokens,
+      max_atom_tokens=config.atoms.max_atom_tokens, chunk_tokens=config.atoms.chunk_tokens, k=config.atoms.k,
+      normalization=config.atoms.normalization, max_chunk_tokens=config.atoms.max_chunk_tokens)
+  model = load_model(config)
+  c = config.compiler
+  try:
+    compiler_cfg = compiler_lib.config_for(
+        model.config, targets=tuple(c.targets), rank=c.rank, code_dim=c.code_dim, width=c.width,
+        num_blocks=c.num_blocks, num_heads=c.num_heads, key_dim=c.key_dim, default_rank=c.default_rank,
+        alpha=c.alpha)
+  except ValueError as e:
+    raise UserError(f"bad compiler config: {e}") from None
+  return pipeline.AtomSystem.create(model, compiler_cfg, method, seed=config.seed)
+
+
+def read_documents(path) -> list[tuple[str, str]]:
+  """(doc_id, text) pairs from a JSONL file, one document per distinct doc_id (QA files repeat contexts)."""
+  docs: dict[str, str] = {}
+  for number, line in enumerate(fileio.read_text(path).splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+    if not isinstance(record, dict):
+      raise UserError(f"{path}:{number}: expected a JSON object")
+    doc_id = record.get("doc_id", record.get("id"))
+    text = record.get("text", record.get("context"))
+    if not isinstance(doc_id, str) or not isinstance(text, str):
+      raise UserError(f'{path}:{number}: needs string fields "doc_id" (or "id") and "text" (or "context")')
+    if doc_id in docs and docs[doc_id] != text:
+      raise UserError(f"{path}:{number}: doc_id {doc_id!r} appears twice with different text")
+    docs[doc_id] = text
+  if not docs:
+    raise UserError(f"{path} holds no documents")
+  return list(docs.items())
+
+
+def compile_documents(config, workdir: pathlib.Path | None) -> pathlib.Path:
+  """Documents (JSONL) -> an atom bank on disk, appended document by document."""
+  from doc2atom_jax.atoms import bank as bank_lib
+
+  if not config.compile.input:
+    raise UserError("set --config.compile.input=<documents.jsonl>")
+  documents = read_documents(config.compile.input)
+  if config.compile.bank:
+    path = pathlib.Path(config.compile.bank)
+  elif workdir is not None:
+    path = workdir / "banks" / pathlib.Path(config.compile.input).stem
+  else:
+    raise UserError("set --workdir (the bank goes to <workdir>/banks/) or --config.compile.bank")
+  system = build_system(config)
+  # Split every document before compiling any: a bad document fails the run before the bank is touched.
+  for doc_id, text in documents:
+    system.split(text, doc_id)
+  if not (path / "manifest.json").exists():
+    bank_lib.create(path, fingerprint=system.fingerprint, code_dtype=config.atoms.code_dtype,
+                    meta={"method": config.atoms.method, "model": system.model.name, "config": config.to_dict()})
+  total, start = 0, time.perf_counter()
+  for doc_id, text in documents:
+    compiled = system.compile_document(text, doc_id)
+    bank_lib.append(path, compiled, fingerprint=system.fingerprint)
+    total += len(compiled.atoms)
+    print(f"compiled {doc_id}: {len(compiled.atoms)} atoms")
+  print(f"bank {path}: {len(documents)} documents, {total} atoms in {time.perf_counter() - start:.1f} s")
+  return path
+
+
+def ask(config, workdir: pathlib.Path | None) -> list[dict]:
+  """A question against a bank: the answer, and the atoms used with their weights and text spans."""
+  from doc2atom_jax.atoms import bank as bank_lib
+
+  del workdir
+  if not config.ask.bank:
+    raise UserError("set --config.ask.bank=<bank folder> (made by mode=compile)")
+  if not config.ask.question.strip():
+    raise UserError('empty question: set --config.ask.question="..."')
+  system = build_system(config)
+  bank = bank_lib.load(config.ask.bank, fingerprint=system.fingerprint)
+  results = system.answer(bank, [config.ask.question], doc_id=config.ask.doc_id or None,
+                          max_new_tokens=config.ask.max_new_tokens)
+  for r in results:
+    print(f"Q: {r['question']}\nA: {r['answer']}" + ("  (abstained: the null atom ranked first)" if r["abstained"] else ""))
+    for used in r["atoms"]:
+      atom = used["atom"]
+      where = "null atom" if atom == "null" else f"{atom['doc_id']}[{atom['chars'][0]}:{atom['chars'][1]}] {atom['text']!r}"
+      print(f"  {used['weight']:.3f}  {where}")
+  return results
+
+
+MODES = {"generate": generate, "compile": compile_documents, "ask": ask}

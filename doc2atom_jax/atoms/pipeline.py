@@ -1,0 +1,185 @@
+"""The atom system end to end: split -> encode -> compile -> bank, and question -> route -> compose -> answer.
+
+One `AtomSystem` holds the frozen base model, the compiler and the router, and a method:
+- `doc2atom`: rule-based atoms, the learned router picks top-k (the null atom competes; first = abstain);
+- `d2l`: Doc-to-LoRA — fixed-length chunks (or the whole document), all chunk adapters of the document
+  rank-concatenated at equal weight, no router;
+- `d2l_atom`: doc2atom's atoms, all composed at equal weight, no router (isolates the router).
+"""
+
+import dataclasses
+import functools
+import hashlib
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from doc2atom_jax.atoms import atomize, bank as bank_lib, chunk, compose, encode
+from doc2atom_jax.atoms import compiler as compiler_lib
+from doc2atom_jax.atoms import router as router_lib
+from doc2atom_jax.data import prompts
+from doc2atom_jax.errors import UserError
+from doc2atom_jax.models import decoder as decoder_lib
+
+METHODS = ("doc2atom", "d2l", "d2l_atom")
+ATOM_BUCKET = 16  # atoms per document are padded to a multiple of this when compiling
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig:
+  method: str = "doc2atom"
+  min_atom_tokens: int = 4
+  max_atom_tokens: int = 48
+  chunk_tokens: int = 0  # d2l: tokens per chunk, 0 = the whole document
+  k: int = 4
+  normalization: str = "softmax"
+  max_chunk_tokens: int = 0  # encoding chunk for long documents; 0 = the model's context
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise UserError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
+    if self.normalization not in router_lib.NORMALIZATIONS:
+      raise UserError(f"unknown normalization {self.normalization!r}; valid: {', '.join(router_lib.NORMALIZATIONS)}")
+    if self.k < 1:
+      raise UserError(f"k must be >= 1, got {self.k}")
+
+
+@dataclasses.dataclass
+class AtomSystem:
+  model: object  # models.BaseModel
+  compiler: compiler_lib.AtomCompiler
+  router: router_lib.Router
+  method: MethodConfig
+
+  @classmethod
+  def create(cls, model, compiler_cfg: compiler_lib.CompilerConfig, method: MethodConfig, seed: int = 0):
+    rngs = nnx.Rngs(seed)
+    return cls(model, compiler_lib.AtomCompiler(compiler_cfg, rngs=rngs), router_lib.Router(compiler_cfg, rngs=rngs),
+               method)
+
+  @property
+  def cfg(self) -> compiler_lib.CompilerConfig:
+    return self.compiler.cfg
+
+  @functools.cached_property
+  def fingerprint(self) -> str:
+    """sha256 of what makes a bank: base model (name, config), compiler and router (config, parameters)
+    and how documents are split. Routing settings (k, normalization) are free at ask time."""
+    m = self.method
+    splitting = [m.method, m.min_atom_tokens, m.max_atom_tokens, m.chunk_tokens, m.max_chunk_tokens]
+    h = hashlib.sha256()
+    h.update(json.dumps([self.model.name, repr(self.model.config), repr(self.cfg), splitting]).encode())
+    for leaf in jax.tree.leaves(nnx.state((self.compiler, self.router))):
+      h.update(np.ascontiguousarray(np.asarray(leaf, np.float32)).tobytes())
+    return h.hexdigest()
+
+  # -- compile ------------------------------------------------------------------------------------------
+  def split(self, text: str, doc_id: str) -> atomize.AtomizedDocument:
+    if self.method.method == "d2l":
+      return chunk.chunk_document(text, doc_id, self.model.tokenizer, self.method.chunk_tokens)
+    return atomize.atomize(text, doc_id, self.model.tokenizer, min_atom_tokens=self.method.min_atom_tokens,
+                           max_atom_tokens=self.method.max_atom_tokens)
+
+  def compile_document(self, text: str, doc_id: str) -> bank_lib.BankDocument:
+    """One frozen pass over the document + one compiler call for all its atoms (padded, masked)."""
+    doc = self.split(text, doc_id)
+    states = encode.document_states(self.model, doc.token_ids, self.method.max_chunk_tokens or None)
+    idx, mask = encode.span_indices(doc.atoms)
+    n = len(doc.atoms)
+    padded = -(-n // ATOM_BUCKET) * ATOM_BUCKET
+    idx = np.pad(idx, ((0, padded - n), (0, 0)))
+    mask = np.pad(mask, ((0, padded - n), (0, 0)))
+    mask[n:, 0] = True  # padding atoms read one token so nothing divides by zero; dropped below
+    types = np.zeros(padded, np.int32)
+    types[:n] = [atomize.ATOM_TYPES.index(a.type) for a in doc.atoms]
+    codes, keys = _compile_atoms(nnx.split(self.compiler), states, jnp.asarray(idx), jnp.asarray(mask),
+                                 jnp.asarray(types))
+    return bank_lib.BankDocument(doc_id=doc_id, text=text, atoms=doc.atoms,
+                                 codes=np.asarray(codes[:n], np.float32), keys=np.asarray(keys[:n], np.float32))
+
+  # -- answer -------------------------------------------------------------------------------------------
+  def question_states(self, questions: list[str]):
+    """Key-layer states of the questions alone in the chat template: ([B, T, d], mask [B, T])."""
+    seqs = [self.model.encode(self.model.chat_prompt(prompts.question_prompt(q))) for q in questions]
+    length = -(-max(map(len, seqs)) // 32) * 32
+    tokens = np.zeros((len(seqs), length), np.int32)
+    mask = np.zeros((len(seqs), length), bool)
+    for i, s in enumerate(seqs):
+      tokens[i, :len(s)], mask[i, :len(s)] = s, True
+    states = _key_layer_states(self.model.weights, self.model.config, jnp.asarray(tokens), jnp.asarray(mask),
+                               self.cfg.layer_for_keys)
+    return states, jnp.asarray(mask)
+
+  def select(self, bank: bank_lib.AtomBank, questions: list[str], doc_id: str | None = None):
+    """(indices [B, k'], weights [B, k'], abstain [B]) over the bank's rows.
+
+    doc2atom routes over the whole bank; d2l and d2l_atom take every atom of `doc_id` at weight 1.
+    """
+    batch = len(questions)
+    if self.method.method != "doc2atom":
+      if doc_id is None:
+        if len(bank.doc_ids) != 1:
+          raise UserError(f"method {self.method.method} composes one document's adapters: name the document "
+                          f"(ask.doc_id), one of {', '.join(bank.doc_ids[:5])}{'...' if len(bank.doc_ids) > 5 else ''}")
+        doc_id = bank.doc_ids[0]
+      if doc_id not in bank.doc_ids:
+        raise UserError(f"document {doc_id!r} is not in the bank")
+      j = bank.doc_ids.index(doc_id)
+      rows = np.arange(bank.doc_offsets[j], bank.doc_offsets[j + 1])
+      return (np.broadcast_to(rows, (batch, len(rows))), np.ones((batch, len(rows)), np.float32),
+              np.zeros(batch, bool))
+    codes, keys, mask = bank.padded()
+    states, q_mask = self.question_states(questions)
+    indices, weights, abstain = _route(nnx.split(self.router), states, q_mask, jnp.asarray(keys), jnp.asarray(mask),
+                                       self.compiler.null()[1], k=self.method.k, normalization=self.method.normalization)
+    return np.asarray(indices), np.asarray(weights), np.asarray(abstain)
+
+  def adapter(self, bank: bank_lib.AtomBank, indices, weights):
+    codes, _, _ = bank.padded()
+    default = self.compiler.default_codes[...] if self.cfg.default_rank else None
+    return compose.adapter_from_bank(self.compiler.head(), jnp.asarray(codes), jnp.asarray(indices),
+                                     jnp.asarray(weights), self.compiler.null()[0], default, alpha=self.cfg.alpha,
+                                     targets=self.cfg.targets)
+
+  def answer(self, bank: bank_lib.AtomBank, questions: list[str], *, doc_id: str | None = None,
+             max_new_tokens: int = 24) -> list[dict]:
+    """Answers with the composed adapter, the atoms used (text spans, weights) and abstentions."""
+    indices, weights, abstain = self.select(bank, questions, doc_id)
+    answers = self.model.generate([prompts.question_prompt(q) for q in questions], max_new_tokens=max_new_tokens,
+                                  adapter=self.adapter(bank, indices, weights))
+    results = []
+    for q, a, idx, w, abst in zip(questions, answers, indices, weights, abstain):
+      used = [{"atom": "null" if i == compose.NULL_INDEX else _provenance(bank.atoms[i]), "weight": float(wt)}
+              for i, wt in zip(idx.tolist(), w.tolist()) if wt > 0]
+      results.append({"question": q, "answer": "unknown" if abst else a.strip(), "abstained": bool(abst),
+                      "model_answer": a.strip(), "atoms": used})
+    return results
+
+
+def _provenance(atom) -> dict:
+  return {"doc_id": atom.doc_id, "index": atom.index, "type": atom.type, "text": atom.text,
+          "chars": [atom.char_start, atom.char_end], "tokens": [atom.token_start, atom.token_end]}
+
+
+@jax.jit
+def _compile_atoms(split_compiler, states, idx, mask, types):
+  compiler = nnx.merge(*split_compiler)
+  codes, keys, _ = compiler(encode.gather_spans(states, idx, mask), mask, types)
+  return codes, keys
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "layer"))
+def _key_layer_states(weights, cfg, tokens, mask, layer):
+  out = decoder_lib.forward(weights, cfg, tokens, attention_mask=mask, return_hidden_states=True,
+                            compute_logits=False)
+  return out.hidden_states[layer]
+
+
+@functools.partial(jax.jit, static_argnames=("k", "normalization"))
+def _route(split_router, states, q_mask, keys, key_mask, null_key, *, k, normalization):
+  router = nnx.merge(*split_router)
+  scores = router.scores(router.query(states, q_mask), keys, key_mask, null_key)
+  return router_lib.select(scores, k, normalization)
