@@ -67,3 +67,75 @@ def test_empty_question_and_too_long_prompt(tmp_path):
   args = ("--config.model.name=tiny-random-llama", f"--config.generate.document_file={long_doc}")
   assert_user_error(cli(*args), "context")
   assert cli(*args, "--config.generate.truncation=left").returncode == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# compile and ask.
+# ---------------------------------------------------------------------------------------------------------
+DOCS = [{"doc_id": "orlen", "text": "The Orlen Observatory was founded in 1871 by the astronomer Maria Delvane. "
+                                    "It stands above the town of Kestrava."},
+        {"doc_id": "tarnow", "text": "Mira Oskel founded the Tarnow Institute in Daskel. It has 412 employees."}]
+TINY = ("--config.model.name=tiny-random-llama", "--config.compiler.code_dim=32", "--config.compiler.width=32",
+        "--config.compiler.key_dim=16", "--config.compiler.num_blocks=1")
+
+
+def write_jsonl(path, records):
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  return path
+
+
+def snapshot(folder):
+  return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_compile_then_ask_and_the_bank_guards(tmp_path):
+  docs = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+  result = cli("--config.mode=compile", f"--config.compile.input={docs}", *TINY, workdir=tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  bank = tmp_path / "banks" / "docs"
+  assert (bank / "manifest.json").exists() and "2 documents" in result.stdout
+
+  result = cli("--config.mode=ask", f"--config.ask.bank={bank}", "--config.ask.question=Who founded Tarnow?",
+               "--config.ask.max_new_tokens=3", *TINY)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Q: Who founded Tarnow?" in result.stdout and result.stdout.count("\n  0.") == 4  # k = 4 atoms listed
+
+  before = snapshot(bank)
+  # Compiling the same documents again: duplicate doc ids, the bank stays as it was.
+  assert_user_error(cli("--config.mode=compile", f"--config.compile.input={docs}", *TINY, workdir=tmp_path),
+                    "orlen")
+  # Another compiler (seed) cannot read this bank.
+  assert_user_error(cli("--config.mode=ask", f"--config.ask.bank={bank}", "--config.ask.question=Who?",
+                        "--config.seed=1", *TINY), "another model/compiler")
+  assert snapshot(bank) == before
+  # A damaged shard is detected.
+  shard = next((bank / "shards").iterdir())
+  data = bytearray(shard.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  shard.write_bytes(bytes(data))
+  assert_user_error(cli("--config.mode=ask", f"--config.ask.bank={bank}", "--config.ask.question=Who?", *TINY),
+                    shard.name)
+
+
+@pytest.mark.parametrize("lines,needle", [
+    (['{"doc_id": "a", "text": "Fine."}', '{"doc_id": "b", "text": '], "docs.jsonl:2: not valid JSON"),
+    (['{"doc_id": "a", "text": "   "}'], "empty"),
+    (['{"doc_id": "a", "body": "x"}'], '"text"'),
+])
+def test_bad_document_files_write_no_bank(tmp_path, lines, needle):
+  docs = tmp_path / "docs.jsonl"
+  docs.write_text("\n".join(lines) + "\n")
+  assert_user_error(cli("--config.mode=compile", f"--config.compile.input={docs}", *TINY, workdir=tmp_path), needle)
+  assert not (tmp_path / "banks").exists()
+
+
+def test_compile_and_ask_on_the_bundled_model(tmp_path):
+  """As a newcomer runs it from the README: SmolLM2, the quickstart config, an untrained compiler."""
+  docs = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+  result = cli("--config.mode=compile", f"--config.compile.input={docs}", workdir=tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  result = cli("--config.mode=ask", f"--config.ask.bank={tmp_path}/banks/docs",
+               "--config.ask.question=Who founded the Orlen Observatory?", "--config.ask.max_new_tokens=8")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.startswith("Q: Who founded the Orlen Observatory?\nA: ")
+  assert "orlen[" in result.stdout or "null atom" in result.stdout
