@@ -1,0 +1,118 @@
+"""Documents with their questions -> one training batch (the arrays of `step.BATCH_FIELDS`).
+
+The unit of training is a document with its questions: the document is encoded and compiled once and
+every question reuses its atoms. Student prompts are the question alone in the chat template; the
+teacher reads the document (and the evidence teacher only the evidence atoms) in the shared prompt.
+Shapes are padded to buckets so the jitted step compiles for a handful of shapes only.
+"""
+
+import dataclasses
+
+import numpy as np
+
+from doc2atom_jax.atoms import atomize
+from doc2atom_jax.data import prompts
+from doc2atom_jax.errors import UserError
+from doc2atom_jax.train import teacher as teacher_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+  qid: str
+  question: str
+  answer: str
+  evidence: tuple[int, ...] | None = None  # atom indices; None = unlabelled
+  out_of_scope: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainDocument:
+  doc: atomize.AtomizedDocument
+  questions: tuple[Question, ...]
+
+
+def _bucket(n: int, size: int) -> int:
+  return max(size, -(-n // size) * size)
+
+
+def answer_tokens(model, answer: str) -> list[int]:
+  """The answer's tokens followed by the end-of-turn token, so the student also learns to stop."""
+  ids = list(model.tokenizer(answer.strip(), add_special_tokens=False)["input_ids"])
+  if not ids:
+    raise UserError(f"the answer {answer!r} tokenizes to nothing")
+  eot = model.tokenizer.convert_tokens_to_ids("<|im_end|>")
+  return ids + ([eot] if isinstance(eot, int) and eot >= 0 and eot != model.tokenizer.unk_token_id else [])
+
+
+def _pad(rows, length, dtype, fill=0):
+  out = np.full((len(rows), length, *np.shape(rows[0])[1:]), fill, dtype)
+  for i, r in enumerate(rows):
+    out[i, :len(r)] = r
+  return out
+
+
+def build(model, documents: list[TrainDocument], *, cache: teacher_lib.TeacherCache | None = None,
+          k: int = teacher_lib.TOP_K, token_bucket: int = 64, atom_bucket: int = 8, span_bucket: int = 16) -> dict:
+  """numpy arrays of one batch; teacher top-K from the cache (computed and stored where missing)."""
+  tok = model.tokenizer
+  chat = lambda text: model.encode(model.chat_prompt(text))
+  D = len(documents)
+  N = _bucket(max(len(d.doc.atoms) for d in documents), atom_bucket)
+  S = _bucket(max(a.token_end - a.token_start for d in documents for a in d.doc.atoms), span_bucket)
+  T = _bucket(max(len(d.doc.token_ids) for d in documents), token_bucket)
+  if T > model.config.max_position_embeddings:
+    raise UserError(f"a training document has {T} tokens, over the model's context of "
+                    f"{model.config.max_position_embeddings}")
+  batch = {"doc_tokens": _pad([d.doc.token_ids for d in documents], T, np.int32),
+           "atom_idx": np.zeros((D, N, S), np.int32), "atom_span_mask": np.zeros((D, N, S), bool),
+           "atom_types": np.zeros((D, N), np.int32), "atom_mask": np.zeros((D, N), bool)}
+  batch["doc_mask"] = np.arange(T)[None] < np.asarray([len(d.doc.token_ids) for d in documents])[:, None]
+  for j, d in enumerate(documents):
+    for i, a in enumerate(d.doc.atoms):
+      n = a.token_end - a.token_start
+      batch["atom_idx"][j, i, :n] = np.arange(a.token_start, a.token_end)
+      batch["atom_span_mask"][j, i, :n] = True
+      batch["atom_types"][j, i] = atomize.ATOM_TYPES.index(a.type)
+      batch["atom_mask"][j, i] = True
+
+  rows = [(j, q) for j, d in enumerate(documents) for q in d.questions]
+  students, answers, teachers, ev_teachers, keys = [], [], [], [], []
+  for j, q in rows:
+    d = documents[j]
+    ans = answer_tokens(model, q.answer)
+    students.append(chat(prompts.question_prompt(q.question)))
+    answers.append(ans)
+    teachers.append(chat(prompts.in_context_prompt(d.doc.text, q.question)))
+    evidence_text = " ".join(d.doc.atoms[i].text for i in (q.evidence or ())) or d.doc.text
+    ev_teachers.append(chat(prompts.in_context_prompt(evidence_text, q.question)))
+    keys.append(f"{d.doc.doc_id}\x00{q.qid}\x00{q.question}\x00{q.answer}")
+  if cache is not None:
+    top = cache.get_or_compute(model, [k_ + "\x00doc" for k_ in keys], teachers, answers, k)
+    ev_top = cache.get_or_compute(model, [k_ + "\x00evidence" for k_ in keys], ev_teachers, answers, k)
+  else:
+    top = teacher_lib.topk_on_answers(model, teachers, answers, k)
+    ev_top = teacher_lib.topk_on_answers(model, ev_teachers, answers, k)
+
+  Ts = _bucket(max(len(s) + len(a) for s, a in zip(students, answers)), token_bucket)
+  B = len(rows)
+  s_tokens = _pad([s + a for s, a in zip(students, answers)], Ts, np.int32)
+  batch.update(s_tokens=s_tokens, s_mask=_pad([[True] * (len(s) + len(a)) for s, a in zip(students, answers)], Ts, bool),
+               targets=np.concatenate([s_tokens[:, 1:], np.zeros((B, 1), np.int32)], axis=1),
+               answer_mask=np.zeros((B, Ts), bool), teacher_ids=np.zeros((B, Ts, k), np.int32),
+               teacher_logp=np.zeros((B, Ts, k), np.float32), ev_teacher_ids=np.zeros((B, Ts, k), np.int32),
+               ev_teacher_logp=np.zeros((B, Ts, k), np.float32))
+  for b, (s, a) in enumerate(zip(students, answers)):
+    pos = np.arange(len(s) - 1, len(s) + len(a) - 1)
+    batch["answer_mask"][b, pos] = True
+    batch["teacher_ids"][b, pos], batch["teacher_logp"][b, pos] = top[b]
+    batch["ev_teacher_ids"][b, pos], batch["ev_teacher_logp"][b, pos] = ev_top[b]
+  Tq = _bucket(max(map(len, students)), token_bucket)
+  batch.update(q_tokens=_pad(students, Tq, np.int32), q_mask=_pad([[True] * len(s) for s in students], Tq, bool))
+  batch["doc_of_q"] = np.asarray([j for j, _ in rows], np.int32)
+  batch["evidence"] = np.zeros((B, N), bool)
+  for b, (_, q) in enumerate(rows):
+    batch["evidence"][b, list(q.evidence or ())] = True
+  batch["labelled"] = np.asarray([q.evidence is not None and len(q.evidence) > 0 for _, q in rows])
+  batch["out_of_scope"] = np.asarray([q.out_of_scope for _, q in rows])
+  batch["q_valid"] = np.ones(B, bool)
+  return batch

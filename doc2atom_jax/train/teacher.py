@@ -1,0 +1,77 @@
+"""The teacher: the frozen base model reading the document (or only the evidence atoms) scores the answer.
+
+Its top-K log-probs per answer token are what the student distils. They are a pure function of (model,
+prompt template, example), so they are cached on disk, one small file per example, keyed by a hash of
+all three: CPU training then spends its time on the student.
+"""
+
+import functools
+import hashlib
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from doc2atom_jax import fileio
+from doc2atom_jax.models import decoder as decoder_lib
+
+TOP_K = 16
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "k"))
+def _topk_logprobs(weights, cfg, tokens, mask, *, k):
+  logits = decoder_lib.forward(weights, cfg, tokens, attention_mask=mask).logits
+  return jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), k)
+
+
+def topk_on_answers(model, prompts: list[list[int]], answers: list[list[int]], k: int = TOP_K, bucket: int = 64):
+  """Teacher top-K (ids [A, K], log-probs [A, K]) at the positions that predict each answer token."""
+  seqs = [p + a for p, a in zip(prompts, answers)]
+  length = -(-max(map(len, seqs)) // bucket) * bucket
+  tokens = np.zeros((len(seqs), length), np.int32)
+  mask = np.zeros((len(seqs), length), bool)
+  for i, s in enumerate(seqs):
+    tokens[i, :len(s)], mask[i, :len(s)] = s, True
+  logp, ids = _topk_logprobs(model.weights, model.config, jnp.asarray(tokens), jnp.asarray(mask), k=k)
+  logp, ids = np.asarray(logp), np.asarray(ids)
+  out = []
+  for i, (p, a) in enumerate(zip(prompts, answers)):
+    rows = np.arange(len(p) - 1, len(p) + len(a) - 1)
+    out.append((ids[i, rows].astype(np.int32), logp[i, rows].astype(np.float32)))
+  return out
+
+
+class TeacherCache:
+  """On-disk cache of teacher top-K per (model, template, example); atomic writes, safe to share."""
+
+  def __init__(self, root, model_key: str, template: str):
+    self.root = pathlib.Path(root)
+    self.prefix = hashlib.sha256(json.dumps([model_key, template]).encode()).hexdigest()[:16]
+
+  def _path(self, example_key: str) -> pathlib.Path:
+    digest = hashlib.sha256(example_key.encode()).hexdigest()
+    return self.root / self.prefix / digest[:2] / f"{digest}.npz"
+
+  def get_or_compute(self, model, keys: list[str], prompts, answers, k: int = TOP_K):
+    """Cached entries where present; the rest computed in one batch and stored."""
+    results = [None] * len(keys)
+    missing = []
+    for i, key in enumerate(keys):
+      path = self._path(key)
+      if path.exists():
+        try:
+          with np.load(path) as f:
+            results[i] = (f["ids"], f["logp"])
+          continue
+        except (OSError, ValueError, KeyError):
+          pass  # unreadable entry: recompute it
+      missing.append(i)
+    if missing:
+      computed = topk_on_answers(model, [prompts[i] for i in missing], [answers[i] for i in missing], k)
+      for i, (ids, logp) in zip(missing, computed):
+        with fileio.atomic_open(self._path(keys[i]), "wb") as f:
+          np.savez(f, ids=ids, logp=logp)
+        results[i] = (ids, logp)
+    return results

@@ -1,0 +1,72 @@
+"""The train step on a tiny model: every loss term is finite, the loss falls, the base model never moves."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from doc2atom_jax.atoms import atomize
+from doc2atom_jax.atoms import compiler as compiler_lib
+from doc2atom_jax.atoms import router as router_lib
+from doc2atom_jax.models import base
+from doc2atom_jax.train import batch as batch_lib
+from doc2atom_jax.train import step as step_lib
+
+TEXT = "Velkor Amsten was born in 1943. He founded the Tarnow Institute. The institute has 412 employees."
+
+
+def tiny_batch(model):
+  doc = atomize.atomize(TEXT, "d0", model.tokenizer)
+  assert len(doc.atoms) == 3
+  qs = (batch_lib.Question("q0", "When was Velkor Amsten born?", "1943", (0,)),
+        batch_lib.Question("q1", "Who founded the Tarnow Institute?", "Velkor Amsten", (1,)),
+        batch_lib.Question("q2", "How many employees does the institute have?", "412", (2,)),
+        batch_lib.Question("q3", "What is the capital of Orvale?", "unknown", None, out_of_scope=True))
+  return batch_lib.build(model, [batch_lib.TrainDocument(doc, qs)], k=8)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  model = base.tiny_random("llama")
+  cfg = compiler_lib.config_for(model.config, code_dim=32, width=32, key_dim=16, num_blocks=1, num_heads=2)
+  rngs = nnx.Rngs(0)
+  graphdef, params = nnx.split((compiler_lib.AtomCompiler(cfg, rngs=rngs), router_lib.Router(cfg, rngs=rngs)))
+  batch = jax.tree.map(jnp.asarray, tiny_batch(model))
+  optimizer = step_lib.make_optimizer(3e-3, warmup_steps=2, total_steps=30)
+  step = jax.jit(step_lib.train_step, static_argnames=("graphdef", "model_cfg", "loss_cfg", "optimizer"))
+  kw = dict(graphdef=graphdef, model_cfg=model.config, loss_cfg=step_lib.LossConfig(k=2), optimizer=optimizer)
+  return model, params, batch, optimizer, functools.partial(step, **kw)
+
+
+def test_loss_terms_finite_loss_falls_and_base_is_untouched(setup):
+  model, params, batch, optimizer, step = setup
+  assert batch["answer_mask"].sum() == sum(len(batch_lib.answer_tokens(model, a)) for a in ("1943", "Velkor Amsten",
+                                                                                            "412", "unknown"))
+  opt_state = optimizer.init(params)
+  before = jax.tree.map(np.array, model.weights)
+  history = []
+  for _ in range(30):
+    params, opt_state, metrics = step(params, opt_state, model.weights, batch)
+    history.append({k: float(v) for k, v in metrics.items()})
+  first, last = history[0], history[-1]
+  for name in ("kd", "ce", "route", "atom", "null", "type", "l1", "orth", "loss", "grad_norm"):
+    assert np.isfinite(first[name]) and np.isfinite(last[name]), name
+  assert first["kd"] > 0 and first["route"] > 0 and first["null"] > 0
+  print({k: (round(first[k], 3), round(last[k], 3)) for k in ("loss", "kd", "ce", "route", "atom", "null", "type")})
+  assert last["loss"] < 0.7 * first["loss"]
+  assert last["route"] < first["route"] and last["type"] < first["type"]
+  for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(model.weights)):
+    np.testing.assert_array_equal(x, np.asarray(y))
+
+
+def test_a_non_finite_loss_skips_the_update(setup):
+  model, params, batch, optimizer, step = setup
+  batch = dict(batch, teacher_logp=batch["teacher_logp"].at[0, :].set(jnp.nan))
+  opt_state = optimizer.init(params)
+  new_params, _, metrics = step(params, opt_state, model.weights, batch)
+  assert not bool(metrics["finite"])
+  for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(new_params)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
