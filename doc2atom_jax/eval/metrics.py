@@ -1,0 +1,118 @@
+"""Answer metrics (DESIGN §8): SQuAD-normalized EM and token F1, ROUGE-L, and refusal detection.
+
+Every metric takes the best score over the references, as the official SQuAD script does. A question is
+unanswerable when its references are empty (SQuAD v2 `answers: []`) or all refusals themselves (the
+synthetic corpus's out-of-scope answer "unknown"): there the only right answer is to decline, so a
+prediction scores 1 exactly when `is_refusal` holds. That differs from the official SQuAD v2 script only in
+also accepting refusal phrases, not just "", because chat models answer in words.
+"""
+
+import collections
+import re
+import string
+from collections.abc import Sequence
+
+_PUNCTUATION = frozenset(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(s: str) -> str:
+  """The official SQuAD normalization: lowercase, drop punctuation and articles, collapse whitespace."""
+  s = "".join(ch for ch in s.lower() if ch not in _PUNCTUATION)
+  return " ".join(_ARTICLES.sub(" ", s).split())
+
+
+def _tokens(s: str) -> list[str]:
+  return normalize_answer(s).split()
+
+
+# Refusals, matched on normalized text (so "I don't know." and "i dont know" are the same). A
+# REFUSAL_ANSWERS entry must be the whole reply ("Unknown Soldier" is an answer, not a refusal); a
+# REFUSAL_PHRASES entry may sit inside a longer reply ("Sorry, the text does not mention it."). The empty
+# answer is a refusal too (SQuAD v2's convention for "no answer").
+REFUSAL_ANSWERS = ("unknown", "unanswerable", "n/a", "none of the above")
+REFUSAL_PHRASES = (
+    "i don't know", "i do not know", "i am not sure", "i'm not sure",
+    "cannot be determined", "can't be determined", "cannot be answered", "can't be answered",
+    "cannot answer", "can't answer", "unable to answer", "unable to determine",
+    "not mentioned", "does not mention", "doesn't mention", "not stated", "does not say", "doesn't say",
+    "not specified", "not provided", "not given", "not enough information", "no information",
+    "no answer", "not answerable", "not possible to answer",
+)
+_REFUSAL_ANSWERS = frozenset(normalize_answer(w) for w in REFUSAL_ANSWERS)
+_REFUSAL_PHRASES = tuple(f" {normalize_answer(p)} " for p in REFUSAL_PHRASES)
+
+
+def is_refusal(text: str) -> bool:
+  """Whether `text` declines to answer (see REFUSAL_ANSWERS and REFUSAL_PHRASES)."""
+  norm = normalize_answer(text)
+  if not norm or norm in _REFUSAL_ANSWERS:
+    return True
+  padded = f" {norm} "
+  return any(phrase in padded for phrase in _REFUSAL_PHRASES)
+
+
+def is_unanswerable(references: Sequence[str]) -> bool:
+  """No references, or only refusals ("unknown"): declining is the right answer."""
+  return all(is_refusal(ref) for ref in references)
+
+
+def _best(prediction: str, references: Sequence[str], score) -> float:
+  """max over references of `score(prediction, reference)`; for unanswerables, whether it refused."""
+  if isinstance(references, str):
+    raise TypeError("references must be a sequence of strings, not one string")
+  if is_unanswerable(references):
+    return float(is_refusal(prediction))
+  return max(float(score(prediction, ref)) for ref in references)
+
+
+def exact_match(prediction: str, references: Sequence[str]) -> float:
+  """1.0 when the normalized prediction equals a normalized reference."""
+  return _best(prediction, references, lambda p, r: normalize_answer(p) == normalize_answer(r))
+
+
+def _token_f1(prediction: str, reference: str) -> float:
+  pred, ref = _tokens(prediction), _tokens(reference)
+  if not pred or not ref:  # as in the official script: both empty is a match, one empty is not
+    return float(pred == ref)
+  same = sum((collections.Counter(pred) & collections.Counter(ref)).values())
+  if same == 0:
+    return 0.0
+  precision, recall = same / len(pred), same / len(ref)
+  return 2 * precision * recall / (precision + recall)
+
+
+def f1_score(prediction: str, references: Sequence[str]) -> float:
+  """Bag-of-tokens F1 between normalized prediction and reference, best over references."""
+  return _best(prediction, references, _token_f1)
+
+
+def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+  """Length of the longest common subsequence, in O(len(a) * len(b)) time and O(len(b)) memory."""
+  row = [0] * (len(b) + 1)  # row[j]: LCS of the prefix of `a` seen so far and b[:j]
+  for x in a:
+    diagonal = 0  # the previous row's row[j - 1]
+    for j, y in enumerate(b, 1):
+      above = row[j]
+      row[j] = diagonal + 1 if x == y else max(above, row[j - 1])
+      diagonal = above
+  return row[-1]
+
+
+def _rouge_l(prediction: str, reference: str) -> float:
+  pred, ref = _tokens(prediction), _tokens(reference)
+  if not pred or not ref:
+    return float(pred == ref)
+  lcs = _lcs_length(pred, ref)
+  if lcs == 0:
+    return 0.0
+  precision, recall = lcs / len(pred), lcs / len(ref)
+  return 2 * precision * recall / (precision + recall)
+
+
+def rouge_l(prediction: str, references: Sequence[str]) -> float:
+  """ROUGE-L F1 (LCS of normalized tokens, precision and recall weighted equally), best over references.
+
+  For free-form references (Qasper) where word order matters but exact wording does not.
+  """
+  return _best(prediction, references, _rouge_l)
