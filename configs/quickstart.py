@@ -67,6 +67,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.compiler.default_rank = 2
   c.compiler.alpha = 2.0
 
+  # mode=train: distillation on synthetic fact worlds (DESIGN §2.7).
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 100
+  c.train.learning_rate = 1e-3
+  c.train.warmup_steps = 20
+  c.train.weight_decay = 0.01
+  c.train.clip_norm = 1.0
+  c.train.accumulate = 1
+  c.train.checkpoint_every = 25
+  c.train.keep_checkpoints = 3
+  c.train.max_nonfinite = 5
+  c.train.mesh = (-1, 1, 1)  # (data, fsdp, tensor); -1 = the remaining devices
+  c.train.allow_config_change = False
+  c.loss = ml_collections.ConfigDict()
+  c.loss.kd, c.loss.ce, c.loss.route, c.loss.atom, c.loss.null = 1.0, 0.1, 1.0, 1.0, 1.0
+  c.loss.type, c.loss.l1, c.loss.orth = 0.1, 0.1, 0.01
+  c.data = ml_collections.ConfigDict()
+  c.data.documents_per_step = 1
+  c.data.facts_per_document = (4, 8)
+  c.data.questions_per_document = 8
+
   # mode=compile: a JSONL of documents ({"doc_id"|"id", "text"|"context"} per line) -> an atom bank.
   c.compile = ml_collections.ConfigDict()
   c.compile.input = ""

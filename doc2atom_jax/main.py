@@ -9,6 +9,7 @@ import pathlib
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (get_config() -> ConfigDict).",
@@ -59,6 +60,7 @@ def _parse_flags(argv):
 
 def run() -> None:
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU found" is not news on CPU
+  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save step at INFO
   app.run(main, flags_parser=_parse_flags)
 
 

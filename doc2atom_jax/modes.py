@@ -139,3 +139,41 @@ def ask(config, workdir: pathlib.Path | None) -> list[dict]:
 
 
 MODES = {"generate": generate, "compile": compile_documents, "ask": ask}
+
+
+def train(config, workdir: pathlib.Path | None):
+  """Trains the compiler and router on synthetic fact worlds; checkpoints under <workdir>/checkpoints."""
+  from doc2atom_jax.train import data as data_lib, step as step_lib, trainer
+
+  if workdir is None:
+    raise UserError("set --workdir: training writes checkpoints and metrics there")
+  system = build_system(config)
+  t, l = config.train, config.loss
+  tcfg = trainer.TrainConfig(
+      steps=t.steps, learning_rate=t.learning_rate, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
+      clip_norm=t.clip_norm, accumulate=t.accumulate, checkpoint_every=t.checkpoint_every,
+      keep_checkpoints=t.keep_checkpoints, max_nonfinite=t.max_nonfinite, mesh=tuple(t.mesh),
+      allow_config_change=t.allow_config_change)
+  routed = config.atoms.method == "doc2atom"
+  loss_cfg = step_lib.LossConfig(kd=l.kd, ce=l.ce, route=l.route if routed else 0.0, atom=l.atom if routed else 0.0,
+                                 null=l.null if routed else 0.0, type=l.type, l1=l.l1, orth=l.orth,
+                                 k=config.atoms.k, normalization=config.atoms.normalization, routed=routed)
+  source = data_lib.SyntheticSource(seed=config.seed, documents_per_step=config.data.documents_per_step,
+                                    facts_per_document=tuple(config.data.facts_per_document),
+                                    questions_per_document=config.data.questions_per_document)
+  # What must match for a checkpoint to be resumed: everything but the step budget and the mode.
+  run_meta = {k: v for k, v in config.to_dict().items() if k not in ("mode", "generate", "compile", "ask")}
+  run_meta["train"] = {k: v for k, v in run_meta["train"].items() if k not in ("steps", "allow_config_change")}
+  run_meta = json.loads(json.dumps(run_meta, default=list))
+  history = trainer.train(system, lambda step: source(step, system.model.tokenizer), tcfg, loss_cfg, workdir,
+                          run_meta=run_meta,
+                          num_questions=config.data.documents_per_step * config.data.questions_per_document)
+  if len(history) >= 4:  # batches differ step to step: compare the means of the first and last quarters
+    q = len(history) // 4
+    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)
+    print("  ".join(f"{key} {mean(history[:q], key):.3f} -> {mean(history[-q:], key):.3f}"
+                    for key in ("loss", "kd", "route", "route_top1")))
+  return history
+
+
+MODES["train"] = train

@@ -139,3 +139,37 @@ def test_compile_and_ask_on_the_bundled_model(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.startswith("Q: Who founded the Orlen Observatory?\nA: ")
   assert "orlen[" in result.stdout or "null atom" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------
+# train.
+# ---------------------------------------------------------------------------------------------------------
+def test_train_mode_survives_a_real_sigterm_and_resumes(tmp_path):
+  import signal
+  import time
+
+  cmd = [sys.executable, "-m", "doc2atom_jax.main", "--config=configs/tiny.py", f"--workdir={tmp_path}",
+         "--config.train.steps=6", "--config.train.checkpoint_every=100"]
+  env = dict(os.environ, XLA_FLAGS="")
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+  log = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 500
+  while time.time() < deadline and proc.poll() is None:
+    if log.exists() and len(log.read_text().splitlines()) >= 2:
+      proc.send_signal(signal.SIGTERM)
+      break
+    time.sleep(0.5)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  assert "SIGTERM: saved step" in out
+  saved = int(out.split("SIGTERM: saved step ")[1].split(";")[0])
+  assert 2 <= saved < 6 and (tmp_path / "checkpoints" / str(saved)).is_dir()
+
+  resumed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"resumed from step {saved}" in resumed.stdout
+  steps = [json.loads(l)["step"] for l in log.read_text().splitlines()]
+  assert steps == [1, 2, 3, 4, 5, 6]
+  # Another configuration in the same workdir is refused.
+  assert_user_error(cli("--config.mode=train", *TINY, "--config.loss.kd=0.5", workdir=tmp_path),
+                    "different configuration")

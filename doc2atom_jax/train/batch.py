@@ -52,8 +52,13 @@ def _pad(rows, length, dtype, fill=0):
 
 
 def build(model, documents: list[TrainDocument], *, cache: teacher_lib.TeacherCache | None = None,
-          k: int = teacher_lib.TOP_K, token_bucket: int = 64, atom_bucket: int = 8, span_bucket: int = 16) -> dict:
-  """numpy arrays of one batch; teacher top-K from the cache (computed and stored where missing)."""
+          k: int = teacher_lib.TOP_K, token_bucket: int = 64, atom_bucket: int = 8, span_bucket: int = 16,
+          num_questions: int | None = None) -> dict:
+  """numpy arrays of one batch; teacher top-K from the cache (computed and stored where missing).
+
+  num_questions pads the question axis to a fixed size (rows with q_valid False), so batches whose
+  documents have fewer questions keep the step's compiled shape.
+  """
   tok = model.tokenizer
   chat = lambda text: model.encode(model.chat_prompt(text))
   D = len(documents)
@@ -115,4 +120,9 @@ def build(model, documents: list[TrainDocument], *, cache: teacher_lib.TeacherCa
   batch["labelled"] = np.asarray([q.evidence is not None and len(q.evidence) > 0 for _, q in rows])
   batch["out_of_scope"] = np.asarray([q.out_of_scope for _, q in rows])
   batch["q_valid"] = np.ones(B, bool)
+  if num_questions is not None and num_questions > B:
+    for name in batch:
+      if not (name.startswith("doc_") or name.startswith("atom_")):
+        pad = [(0, num_questions - B)] + [(0, 0)] * (batch[name].ndim - 1)
+        batch[name] = np.pad(batch[name], pad)
   return batch

@@ -80,7 +80,7 @@ def _restore(manager, abstract, run_meta, allow_change):
 
 
 def train(system, documents_for_step, tcfg: TrainConfig, loss_cfg: step_lib.LossConfig, workdir, *,
-          run_meta: dict, log_every: int = 1, eval_fn=None) -> list[dict]:
+          run_meta: dict, log_every: int = 1, eval_fn=None, num_questions: int | None = None) -> list[dict]:
   """Trains `system.compiler` and `system.router` in place; returns the logged metrics of this process."""
   workdir = pathlib.Path(workdir)
   model = system.model
@@ -144,7 +144,7 @@ def train(system, documents_for_step, tcfg: TrainConfig, loss_cfg: step_lib.Loss
   try:
     for step in bar:
       t0 = time.perf_counter()
-      batch = batch_lib.build(model, documents_for_step(step), cache=cache)
+      batch = batch_lib.build(model, documents_for_step(step), cache=cache, num_questions=num_questions)
       params, opt_state, metrics = run_step(params, opt_state, batch)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       nonfinite = 0 if metrics["finite"] else nonfinite + 1

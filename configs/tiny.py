@@ -1,0 +1,29 @@
+"""A tiny random model: the whole training path in under two minutes on 2 CPU cores (tests, CI, debugging).
+
+Run:
+  python -m doc2atom_jax.main --config=configs/tiny.py --workdir=runs/tiny
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m doc2atom_jax.main --config=configs/tiny.py \
+      --config.train.mesh="(2, 2, 2)" --workdir=runs/tiny8
+"""
+
+from configs import quickstart
+
+
+def get_config(arg: str | None = None):
+  c = quickstart.get_config(arg)
+  c.unlock()
+  c.mode = "train"
+  c.model.name = "tiny-random-llama"
+  c.compiler.code_dim = 32
+  c.compiler.width = 32
+  c.compiler.key_dim = 16
+  c.compiler.num_blocks = 1
+  c.compiler.num_heads = 2
+  c.train.steps = 20
+  c.train.warmup_steps = 2
+  c.train.learning_rate = 3e-3
+  c.train.checkpoint_every = 10
+  c.data.facts_per_document = (3, 5)
+  c.data.questions_per_document = 4
+  c.lock()
+  return c
