@@ -148,16 +148,13 @@ def train(config, workdir: pathlib.Path | None):
   if workdir is None:
     raise UserError("set --workdir: training writes checkpoints and metrics there")
   system = build_system(config)
-  t, l = config.train, config.loss
-  tcfg = trainer.TrainConfig(
-      steps=t.steps, learning_rate=t.learning_rate, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
-      clip_norm=t.clip_norm, accumulate=t.accumulate, checkpoint_every=t.checkpoint_every,
-      keep_checkpoints=t.keep_checkpoints, max_nonfinite=t.max_nonfinite, mesh=tuple(t.mesh),
-      allow_config_change=t.allow_config_change)
+  tcfg = trainer.TrainConfig(**{**config.train.to_dict(), "mesh": tuple(config.train.mesh)})
   routed = config.atoms.method == "doc2atom"
-  loss_cfg = step_lib.LossConfig(kd=l.kd, ce=l.ce, route=l.route if routed else 0.0, atom=l.atom if routed else 0.0,
-                                 null=l.null if routed else 0.0, type=l.type, l1=l.l1, orth=l.orth,
-                                 k=config.atoms.k, normalization=config.atoms.normalization, routed=routed)
+  weights = config.loss.to_dict()
+  if not routed:  # d2l / d2l_atom: no router, so no routing, atom-fidelity or null terms
+    weights.update(route=0.0, atom=0.0, null=0.0)
+  loss_cfg = step_lib.LossConfig(**weights, k=config.atoms.k, normalization=config.atoms.normalization,
+                                 routed=routed)
   source = data_lib.SyntheticSource(seed=config.seed, documents_per_step=config.data.documents_per_step,
                                     facts_per_document=tuple(config.data.facts_per_document),
                                     questions_per_document=config.data.questions_per_document)
