@@ -24,8 +24,9 @@ DOCUMENT = (
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg
   c = ml_collections.ConfigDict()
-  c.mode = "generate"  # generate | compile | ask (train/eval/export arrive with their issues)
+  c.mode = "generate"  # generate | train | compile | ask (eval/export arrive with their issues)
   c.seed = 0
+  c.params = ""  # a trained compiler + router (<workdir>/export of mode=train) for compile and ask
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "smollm2-135m-instruct"  # or gemma3-270m, hf:<folder>, tiny-random-<family>

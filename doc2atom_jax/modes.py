@@ -59,7 +59,13 @@ def build_system(config):
         alpha=c.alpha)
   except ValueError as e:
     raise UserError(f"bad compiler config: {e}") from None
-  return pipeline.AtomSystem.create(model, compiler_cfg, method, seed=config.seed)
+  system = pipeline.AtomSystem.create(model, compiler_cfg, method, seed=config.seed)
+  if config.params:
+    from doc2atom_jax import checkpoint
+
+    meta = checkpoint.load_params((system.compiler, system.router), config.params)
+    print(f"loaded trained compiler and router from {config.params} (step {meta.get('step')})")
+  return system
 
 
 def read_documents(path) -> list[tuple[str, str]]:
@@ -159,12 +165,19 @@ def train(config, workdir: pathlib.Path | None):
                                     facts_per_document=tuple(config.data.facts_per_document),
                                     questions_per_document=config.data.questions_per_document)
   # What must match for a checkpoint to be resumed: everything but the step budget and the mode.
-  run_meta = {k: v for k, v in config.to_dict().items() if k not in ("mode", "generate", "compile", "ask")}
+  run_meta = {k: v for k, v in config.to_dict().items()
+              if k not in ("mode", "params", "generate", "compile", "ask")}
   run_meta["train"] = {k: v for k, v in run_meta["train"].items() if k not in ("steps", "allow_config_change")}
   run_meta = json.loads(json.dumps(run_meta, default=list))
   history = trainer.train(system, lambda step: source(step, system.model.tokenizer), tcfg, loss_cfg, workdir,
                           run_meta=run_meta,
                           num_questions=config.data.documents_per_step * config.data.questions_per_document)
+  if not history or history[-1]["step"] == tcfg.steps:  # finished (not preempted): export the parameters
+    from doc2atom_jax import checkpoint
+
+    path = checkpoint.export_params((system.compiler, system.router), workdir / "export",
+                                    {"run": run_meta, "step": tcfg.steps, "model": system.model.name})
+    print(f"exported the trained compiler and router to {path} (use --config.params={path})")
   if len(history) >= 4:  # batches differ step to step: compare the means of the first and last quarters
     q = len(history) // 4
     mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)

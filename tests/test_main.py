@@ -173,3 +173,20 @@ def test_train_mode_survives_a_real_sigterm_and_resumes(tmp_path):
   # Another configuration in the same workdir is refused.
   assert_user_error(cli("--config.mode=train", *TINY, "--config.loss.kd=0.5", workdir=tmp_path),
                     "different configuration")
+
+  # The finished run exported its parameters; compile and ask use them.
+  export = tmp_path / "export"
+  assert (export / "params").is_dir() and "exported the trained compiler" in resumed.stdout
+  docs = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+  tiny_cfg = [sys.executable, "-m", "doc2atom_jax.main", "--config=configs/tiny.py", f"--config.params={export}"]
+  compiled = subprocess.run(tiny_cfg + ["--config.mode=compile", f"--config.compile.input={docs}",
+                                        f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, env=env)
+  assert compiled.returncode == 0 and "loaded trained compiler" in compiled.stdout, compiled.stderr[-3000:]
+  asked = subprocess.run(tiny_cfg + ["--config.mode=ask", f"--config.ask.bank={tmp_path}/banks/docs",
+                                     "--config.ask.question=Who founded Tarnow?", "--config.ask.max_new_tokens=3"],
+                         cwd=ROOT, capture_output=True, text=True, env=env)
+  assert asked.returncode == 0 and "Q: Who founded Tarnow?" in asked.stdout, asked.stderr[-3000:]
+  untrained = subprocess.run(tiny_cfg[:-1] + ["--config.mode=ask", f"--config.ask.bank={tmp_path}/banks/docs",
+                                              "--config.ask.question=Who?"], cwd=ROOT, capture_output=True,
+                             text=True, env=env)
+  assert_user_error(untrained, "another model/compiler")
