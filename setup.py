@@ -27,6 +27,7 @@ setup(
         "jinja2",  # transformers' chat templates
         "numpy",
         "tqdm",
+        "tensorboardX",  # TensorBoard event files without TensorFlow
     ],
     extras_require={
         # torch is pinned: 2.13.0 is a CPU build; anything looser pulls a multi-GB CUDA build. The Gemma 3

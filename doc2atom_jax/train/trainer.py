@@ -139,6 +139,9 @@ def train(system, documents_for_step, tcfg: TrainConfig, loss_cfg: step_lib.Loss
   # ---- Loop ----------------------------------------------------------------------------------------------
   cache = teacher_lib.TeacherCache(paths.cache_root() / "teacher", model.name, "in_context_prompt/v1")
   preemption = _Preemption()
+  from tensorboardX import SummaryWriter  # local: only the trainer writes events
+
+  events = SummaryWriter(str(workdir / "tensorboard"))
   history, nonfinite = [], 0
   bar = tqdm.tqdm(range(start, tcfg.steps), initial=start, total=tcfg.steps, desc="train", dynamic_ncols=True)
   try:
@@ -157,6 +160,9 @@ def train(system, documents_for_step, tcfg: TrainConfig, loss_cfg: step_lib.Loss
       if (step + 1) % log_every == 0:
         with open(log_path, "a", encoding="utf-8") as f:
           f.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+          if key != "step":
+            events.add_scalar(f"train/{key}", value, step + 1)
       bar.set_postfix(loss=f"{metrics['loss']:.3f}", kd=f"{metrics['kd']:.3f}", top1=f"{metrics['route_top1']:.2f}")
       done = step + 1
       if preemption.requested or done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
@@ -167,6 +173,7 @@ def train(system, documents_for_step, tcfg: TrainConfig, loss_cfg: step_lib.Loss
         print(f"SIGTERM: saved step {done}; exiting")
         break
   finally:
+    events.close()
     manager.wait_until_finished()
     manager.close()
     preemption.restore()

@@ -63,6 +63,7 @@ def test_sigterm_then_resume_follows_the_uninterrupted_trajectory(tmp_path):
   for a, b in zip(full[3:], resumed):
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
   logged = [json.loads(l)["step"] for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+  assert list((tmp_path / "resumed" / "tensorboard").glob("events.out.tfevents.*"))
   assert logged == [1, 2, 3, 4, 5, 6]
 
   # A truncated newest checkpoint: the previous one is used.
