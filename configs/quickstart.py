@@ -89,6 +89,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.facts_per_document = (4, 8)
   c.data.questions_per_document = 8
 
+  # After training: a quick evaluation on held-out (validation-split) synthetic documents.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.documents = 4  # 0 skips it
+  c.eval.max_new_tokens = 12
+
   # mode=compile: a JSONL of documents ({"doc_id"|"id", "text"|"context"} per line) -> an atom bank.
   c.compile = ml_collections.ConfigDict()
   c.compile.input = ""

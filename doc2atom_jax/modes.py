@@ -166,7 +166,7 @@ def train(config, workdir: pathlib.Path | None):
                                     questions_per_document=config.data.questions_per_document)
   # What must match for a checkpoint to be resumed: everything but the step budget and the mode.
   run_meta = {k: v for k, v in config.to_dict().items()
-              if k not in ("mode", "params", "generate", "compile", "ask")}
+              if k not in ("mode", "params", "generate", "compile", "ask", "eval")}
   run_meta["train"] = {k: v for k, v in run_meta["train"].items() if k not in ("steps", "allow_config_change")}
   run_meta = json.loads(json.dumps(run_meta, default=list))
   history = trainer.train(system, lambda step: source(step, system.model.tokenizer), tcfg, loss_cfg, workdir,
@@ -178,6 +178,14 @@ def train(config, workdir: pathlib.Path | None):
     path = checkpoint.export_params((system.compiler, system.router), workdir / "export",
                                     {"run": run_meta, "step": tcfg.steps, "model": system.model.name})
     print(f"exported the trained compiler and router to {path} (use --config.params={path})")
+  if config.eval.documents and (not history or history[-1]["step"] == tcfg.steps):
+    from doc2atom_jax.eval import quick
+
+    docs = [source.__class__(**{**source.__dict__, "split": "validation"}).document(i)
+            for i in range(config.eval.documents)]
+    results = quick.evaluate(system, docs, max_new_tokens=config.eval.max_new_tokens)
+    fileio.atomic_write_text(workdir / "results.json", json.dumps(results, indent=1))
+    print(f"held-out evaluation ({len(docs)} validation documents):\n{quick.format_table(results)}")
   if len(history) >= 4:  # batches differ step to step: compare the means of the first and last quarters
     q = len(history) // 4
     mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)
