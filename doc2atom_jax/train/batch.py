@@ -59,7 +59,6 @@ def build(model, documents: list[TrainDocument], *, cache: teacher_lib.TeacherCa
   num_questions pads the question axis to a fixed size (rows with q_valid False), so batches whose
   documents have fewer questions keep the step's compiled shape.
   """
-  tok = model.tokenizer
   chat = lambda text: model.encode(model.chat_prompt(text))
   D = len(documents)
   N = _bucket(max(len(d.doc.atoms) for d in documents), atom_bucket)
