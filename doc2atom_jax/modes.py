@@ -4,7 +4,7 @@ import json
 import pathlib
 import time
 
-from doc2atom_jax import fileio, models
+from doc2atom_jax import fileio, models, paths
 from doc2atom_jax.data import prompts
 from doc2atom_jax.errors import UserError
 
@@ -164,12 +164,23 @@ def train(config, workdir: pathlib.Path | None):
   source = data_lib.SyntheticSource(seed=config.seed, documents_per_step=config.data.documents_per_step,
                                     facts_per_document=tuple(config.data.facts_per_document),
                                     questions_per_document=config.data.questions_per_document)
+  if config.data.source == "tfds":
+    data_dir = pathlib.Path(config.data.data_dir) if config.data.data_dir else paths.cache_root() / "tfds"
+    documents_for_step = data_lib.tfds_source(
+        data_dir, seed=config.seed, documents=config.data.train_documents,
+        documents_per_step=config.data.documents_per_step, facts_per_document=config.data.facts_per_document,
+        questions_per_document=config.data.questions_per_document, paraphrases=source.paraphrases)
+  elif config.data.source == "generator":
+    documents_for_step = source
+  else:
+    raise UserError(f"unknown data.source {config.data.source!r}; valid: tfds, generator")
   # What must match for a checkpoint to be resumed: everything but the step budget and the mode.
   run_meta = {k: v for k, v in config.to_dict().items()
               if k not in ("mode", "params", "generate", "compile", "ask", "eval")}
   run_meta["train"] = {k: v for k, v in run_meta["train"].items() if k not in ("steps", "allow_config_change")}
   run_meta = json.loads(json.dumps(run_meta, default=list))
-  history = trainer.train(system, lambda step: source(step, system.model.tokenizer), tcfg, loss_cfg, workdir,
+  history = trainer.train(system, lambda step: documents_for_step(step, system.model.tokenizer), tcfg, loss_cfg,
+                          workdir,
                           run_meta=run_meta,
                           num_questions=config.data.documents_per_step * config.data.questions_per_document)
   if not history or history[-1]["step"] == tcfg.steps:  # finished (not preempted): export the parameters

@@ -1,9 +1,13 @@
 """Training data as a pure function of (seed, global step): which documents and questions each step sees.
 
-Step s takes synthetic documents s·D … s·D + D − 1 of the train split (random access: nothing before them is
-generated), so a resumed or re-sharded run sees exactly the same batches. (The TFDS array_record + grain
-path of DESIGN §6 will feed the same function signature.)
+`tfds_source` (the default): the synthetic corpus is prepared once as a TFDS array_record dataset and read
+through `tfds.data_source`; step s takes the documents at positions s·D·P + p·D … of a seeded per-epoch
+permutation (grain's index shuffle), so a resumed run, or one on another number of processes, sees exactly
+the same global batches. `SyntheticSource` generates the same documents directly by index (no dataset on
+disk), for tests and quick experiments.
 """
+
+import pathlib
 
 import dataclasses
 
@@ -33,3 +37,19 @@ def to_train_document(doc: synthetic.SyntheticDocument, tokenizer) -> batch_lib.
   questions = tuple(batch_lib.Question(q.qid, q.question, q.answer, tuple(q.evidence) or None,
                                        out_of_scope=q.kind == "out_of_scope") for q in doc.questions)
   return batch_lib.TrainDocument(doc.atomized(tokenizer), questions)
+
+
+def tfds_source(data_dir, *, seed: int, documents: int, documents_per_step: int, facts_per_document,
+                questions_per_document: int, paraphrases=(0, 1), process_index: int = 0, process_count: int = 1):
+  """step -> this process's TrainDocuments, read from the prepared TFDS synthetic corpus."""
+  from doc2atom_jax.data import pipeline, tfds_builders  # local: tfds is slow to import
+
+  config = tfds_builders.synthetic_config(train=documents, validation=0, test=0,
+                                          facts_per_document=tuple(facts_per_document),
+                                          questions_per_document=questions_per_document, seed=seed,
+                                          paraphrase=tuple(paraphrases))
+  builder = tfds_builders.prepare_synthetic(pathlib.Path(data_dir), config)
+  records_for_step = pipeline.training_documents(pipeline.document_source(builder, "train"), seed=seed,
+                                                 documents_per_step=documents_per_step,
+                                                 process_index=process_index, process_count=process_count)
+  return lambda step, tokenizer: pipeline.records_to_train_documents(records_for_step(step), tokenizer)
