@@ -76,3 +76,12 @@ def test_sigterm_then_resume_follows_the_uninterrupted_trajectory(tmp_path):
 
   with pytest.raises(UserError, match="different configuration"):
     run(tmp_path / "full", meta={"config": "another"}, tcfg=TCFG.__class__(**{**TCFG.__dict__, "steps": 8}))
+
+
+def test_resume_onto_a_different_mesh(tmp_path):
+  """A checkpoint written on one device layout resumes on another (8 simulated devices, 2x2x2)."""
+  first = run(tmp_path, tcfg=TCFG.__class__(**{**TCFG.__dict__, "steps": 2, "mesh": (8, 1, 1)}))
+  assert [r["step"] for r in first] == [1, 2]
+  resumed = run(tmp_path, tcfg=TCFG.__class__(**{**TCFG.__dict__, "steps": 3, "mesh": (2, 2, 2)}),
+                meta={"config": "tiny"})
+  assert [r["step"] for r in resumed] == [3] and np.isfinite(resumed[0]["loss"])
