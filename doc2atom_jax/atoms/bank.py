@@ -80,6 +80,7 @@ class AtomBank:
   atoms: list  # list[atomize.Atom], N entries
   texts: dict[str, str]  # doc_id -> document text
   code_dtype: str  # how the codes are stored ("bfloat16" or "float32")
+  _padded: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # bucket -> padded arrays
 
   def __len__(self) -> int:
     return len(self.atoms)
@@ -101,10 +102,12 @@ class AtomBank:
     Jitted routing and composition then trace once per bucket, not once per bank size.
     """
     n, size = len(self), bucket_size(len(self), bucket_sizes)
-    codes = np.zeros((size, *self.codes.shape[1:]), np.float32)
-    keys = np.zeros((size, *self.keys.shape[1:]), np.float32)
-    codes[:n], keys[:n] = self.codes, self.keys
-    return codes, keys, np.arange(size) < n
+    if size not in self._padded:  # routing and composition both ask for it: pad once per bucket
+      codes = np.zeros((size, *self.codes.shape[1:]), np.float32)
+      keys = np.zeros((size, *self.keys.shape[1:]), np.float32)
+      codes[:n], keys[:n] = self.codes, self.keys
+      self._padded[size] = (codes, keys, np.arange(size) < n)
+    return self._padded[size]
 
 
 def bucket_size(n: int, bucket_sizes: Sequence[int] | None = None) -> int:

@@ -7,8 +7,6 @@ treatment of long documents); atoms still cover every token once. Token lengths 
 a new document rarely compiles a new shape.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,11 +21,14 @@ def _round_up(n: int, multiple: int) -> int:
   return max(multiple, -(-n // multiple) * multiple)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _layer_inputs(weights, cfg, tokens, mask):
-  out = decoder_lib.forward(weights, cfg, tokens, attention_mask=mask, return_hidden_states=True,
-                            compute_logits=False)
-  return out.hidden_states[:cfg.num_layers]
+def layer_states(weights, cfg, tokens, mask, layers):
+  """Frozen states at the input of the given layers: [len(layers), B, T, d], no gradient to anything."""
+  out = decoder_lib.forward(jax.lax.stop_gradient(weights), cfg, tokens, attention_mask=mask,
+                            return_hidden_states=True, compute_logits=False)
+  return jax.lax.stop_gradient(out.hidden_states[jnp.asarray(layers)])
+
+
+layer_states_jit = jax.jit(layer_states, static_argnames=("cfg", "layers"))
 
 
 def document_states(model, token_ids, max_chunk_tokens: int | None = None) -> jax.Array:
@@ -42,7 +43,8 @@ def document_states(model, token_ids, max_chunk_tokens: int | None = None) -> ja
     tokens = np.zeros((1, length), np.int32)
     tokens[0, :len(ids)] = ids
     mask = np.arange(length)[None] < len(ids)
-    states = _layer_inputs(model.weights, cfg, jnp.asarray(tokens), jnp.asarray(mask))
+    states = layer_states_jit(model.weights, cfg, jnp.asarray(tokens), jnp.asarray(mask),
+                              layers=tuple(range(cfg.num_layers)))
     pieces.append(states[:, 0, :len(ids)])
   return jnp.concatenate(pieces, axis=1)
 

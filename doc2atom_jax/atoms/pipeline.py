@@ -22,7 +22,6 @@ from doc2atom_jax.atoms import compiler as compiler_lib
 from doc2atom_jax.atoms import router as router_lib
 from doc2atom_jax.data import prompts
 from doc2atom_jax.errors import UserError
-from doc2atom_jax.models import decoder as decoder_lib
 
 METHODS = ("doc2atom", "d2l", "d2l_atom")
 ATOM_BUCKET = 16  # atoms per document are padded to a multiple of this when compiling
@@ -109,8 +108,8 @@ class AtomSystem:
     mask = np.zeros((len(seqs), length), bool)
     for i, s in enumerate(seqs):
       tokens[i, :len(s)], mask[i, :len(s)] = s, True
-    states = _key_layer_states(self.model.weights, self.model.config, jnp.asarray(tokens), jnp.asarray(mask),
-                               self.cfg.layer_for_keys)
+    states = encode.layer_states_jit(self.model.weights, self.model.config, jnp.asarray(tokens),
+                                     jnp.asarray(mask), layers=(self.cfg.layer_for_keys,))[0]
     return states, jnp.asarray(mask)
 
   def select(self, bank: bank_lib.AtomBank, questions: list[str], doc_id: str | None = None):
@@ -169,13 +168,6 @@ def _compile_atoms(split_compiler, states, idx, mask, types):
   compiler = nnx.merge(*split_compiler)
   codes, keys, _ = compiler(encode.gather_spans(states, idx, mask), mask, types)
   return codes, keys
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "layer"))
-def _key_layer_states(weights, cfg, tokens, mask, layer):
-  out = decoder_lib.forward(weights, cfg, tokens, attention_mask=mask, return_hidden_states=True,
-                            compute_logits=False)
-  return out.hidden_states[layer]
 
 
 @functools.partial(jax.jit, static_argnames=("k", "normalization"))

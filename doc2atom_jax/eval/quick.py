@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from doc2atom_jax.atoms import bank as bank_lib
+from doc2atom_jax.atoms import atomize, bank as bank_lib
 from doc2atom_jax.data import prompts
 from doc2atom_jax.eval import metrics as metrics_lib
 from doc2atom_jax.models import decoder as decoder_lib
@@ -29,8 +29,6 @@ def in_memory_bank(documents: list[bank_lib.BankDocument], code_dtype: str = "bf
   if code_dtype == "bfloat16":
     codes = np.asarray(jnp.asarray(codes, jnp.bfloat16).astype(jnp.float32))
   atoms = [a for d in documents for a in d.atoms]
-  from doc2atom_jax.atoms import atomize
-
   return bank_lib.AtomBank(
       path=None, fingerprint="", meta={}, doc_ids=[d.doc_id for d in documents],
       doc_offsets=np.cumsum([0] + [len(d.atoms) for d in documents]), codes=codes,

@@ -50,13 +50,6 @@ class LossConfig:
   routed: bool = True  # False: d2l / d2l_atom, every atom of the document at weight 1, no router
 
 
-def _frozen_states(weights, cfg, tokens, mask, layers):
-  """Hidden states (no gradient) at the input of the given layers: [len(layers), B, T, d]."""
-  out = decoder_lib.forward(jax.lax.stop_gradient(weights), cfg, tokens, attention_mask=mask,
-                            return_hidden_states=True, compute_logits=False)
-  return jax.lax.stop_gradient(out.hidden_states[jnp.asarray(layers)])
-
-
 def _student_logits(weights, cfg, batch, adapter):
   return decoder_lib.forward(weights, cfg, batch["s_tokens"], attention_mask=batch["s_mask"], adapter=adapter).logits
 
@@ -70,8 +63,8 @@ def loss_fn(trainable, graphdef, base_weights, batch, *, model_cfg, loss_cfg: Lo
   atom_mask, doc_of_q = batch["atom_mask"], batch["doc_of_q"]
 
   # Documents: one frozen pass, span states, one compiler call for every atom of the batch.
-  doc_states = _frozen_states(base_weights, model_cfg, batch["doc_tokens"], batch["doc_mask"],
-                              list(range(model_cfg.num_layers)))  # [L, D, T, d]
+  doc_states = encode.layer_states(base_weights, model_cfg, batch["doc_tokens"], batch["doc_mask"],
+                                   tuple(range(model_cfg.num_layers)))  # [L, D, T, d]
   spans = jax.vmap(encode.gather_spans, in_axes=(1, 0, 0), out_axes=1)(
       doc_states, batch["atom_idx"], batch["atom_span_mask"])  # [L, D, N, S, d]
   span_mask = batch["atom_span_mask"] | ~atom_mask[..., None] & (jnp.arange(S) == 0)  # padding reads 1 token
@@ -84,7 +77,8 @@ def loss_fn(trainable, graphdef, base_weights, batch, *, model_cfg, loss_cfg: Lo
   default = compiler.default_codes[...] if ccfg.default_rank else None
 
   # Questions: router scores over the own document's atoms + null; in-batch atoms of other docs as negatives.
-  q_states = _frozen_states(base_weights, model_cfg, batch["q_tokens"], batch["q_mask"], [ccfg.layer_for_keys])[0]
+  q_states = encode.layer_states(base_weights, model_cfg, batch["q_tokens"], batch["q_mask"],
+                                 (ccfg.layer_for_keys,))[0]
   queries = router.query(q_states, batch["q_mask"])
   own_scores = router.scores(queries, keys[doc_of_q], atom_mask[doc_of_q], null_key)  # [B, N + 1]
   all_scores = router.scores(queries, keys.reshape(D * N, -1), atom_mask.reshape(D * N), null_key)  # [B, D*N+1]
