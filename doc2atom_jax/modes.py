@@ -4,7 +4,7 @@ import json
 import pathlib
 import time
 
-from doc2atom_jax import fileio, models, paths
+from doc2atom_jax import fileio, models
 from doc2atom_jax.data import prompts
 from doc2atom_jax.errors import UserError
 
@@ -44,7 +44,8 @@ def generate(config, workdir: pathlib.Path | None) -> list[dict]:
 # The atom system: compile documents into a bank, ask a bank a question.
 # ---------------------------------------------------------------------------------------------------------
 def build_system(config):
-  from doc2atom_jax.atoms import compiler as compiler_lib, pipeline
+  from doc2atom_jax.atoms import compiler as compiler_lib
+  from doc2atom_jax.atoms import pipeline
 
   method = pipeline.MethodConfig(
       method=config.atoms.method, min_atom_tokens=config.atoms.min_atom_tokens,
@@ -149,7 +150,9 @@ MODES = {"generate": generate, "compile": compile_documents, "ask": ask}
 
 def train(config, workdir: pathlib.Path | None):
   """Trains the compiler and router on synthetic fact worlds; checkpoints under <workdir>/checkpoints."""
-  from doc2atom_jax.train import data as data_lib, step as step_lib, trainer
+  from doc2atom_jax.train import data as data_lib
+  from doc2atom_jax.train import step as step_lib
+  from doc2atom_jax.train import trainer
 
   if workdir is None:
     raise UserError("set --workdir: training writes checkpoints and metrics there")
@@ -161,19 +164,7 @@ def train(config, workdir: pathlib.Path | None):
     weights.update(route=0.0, atom=0.0, null=0.0)
   loss_cfg = step_lib.LossConfig(**weights, k=config.atoms.k, normalization=config.atoms.normalization,
                                  routed=routed)
-  source = data_lib.SyntheticSource(seed=config.seed, documents_per_step=config.data.documents_per_step,
-                                    facts_per_document=tuple(config.data.facts_per_document),
-                                    questions_per_document=config.data.questions_per_document)
-  if config.data.source == "tfds":
-    data_dir = pathlib.Path(config.data.data_dir) if config.data.data_dir else paths.cache_root() / "tfds"
-    documents_for_step = data_lib.tfds_source(
-        data_dir, seed=config.seed, documents=config.data.train_documents,
-        documents_per_step=config.data.documents_per_step, facts_per_document=config.data.facts_per_document,
-        questions_per_document=config.data.questions_per_document, paraphrases=source.paraphrases)
-  elif config.data.source == "generator":
-    documents_for_step = source
-  else:
-    raise UserError(f"unknown data.source {config.data.source!r}; valid: tfds, generator")
+  documents_for_step = data_lib.source_from_config(config)
   # What must match for a checkpoint to be resumed: everything but the step budget and the mode.
   run_meta = {k: v for k, v in config.to_dict().items()
               if k not in ("mode", "params", "generate", "compile", "ask", "eval")}
@@ -192,8 +183,7 @@ def train(config, workdir: pathlib.Path | None):
   if config.eval.documents and (not history or history[-1]["step"] == tcfg.steps):
     from doc2atom_jax.eval import quick
 
-    docs = [source.__class__(**{**source.__dict__, "split": "validation"}).document(i)
-            for i in range(config.eval.documents)]
+    docs = data_lib.heldout_documents(config, config.eval.documents)
     results = quick.evaluate(system, docs, max_new_tokens=config.eval.max_new_tokens)
     fileio.atomic_write_text(workdir / "results.json", json.dumps(results, indent=1))
     print(f"held-out evaluation ({len(docs)} validation documents):\n{quick.format_table(results)}")

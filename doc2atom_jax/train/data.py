@@ -7,11 +7,12 @@ the same global batches. `SyntheticSource` generates the same documents directly
 disk), for tests and quick experiments.
 """
 
+import dataclasses
 import pathlib
 
-import dataclasses
-
+from doc2atom_jax import paths
 from doc2atom_jax.data import synthetic
+from doc2atom_jax.errors import UserError
 from doc2atom_jax.train import batch as batch_lib
 
 
@@ -53,3 +54,26 @@ def tfds_source(data_dir, *, seed: int, documents: int, documents_per_step: int,
                                                  documents_per_step=documents_per_step,
                                                  process_index=process_index, process_count=process_count)
   return lambda step, tokenizer: pipeline.records_to_train_documents(records_for_step(step), tokenizer)
+
+
+def source_from_config(config):
+  """The `data` section of a config -> `documents_for_step(step, tokenizer)` for the trainer."""
+  d = config.data
+  source = SyntheticSource(seed=config.seed, documents_per_step=d.documents_per_step,
+                           facts_per_document=tuple(d.facts_per_document),
+                           questions_per_document=d.questions_per_document)
+  if d.source == "tfds":
+    data_dir = pathlib.Path(d.data_dir) if d.data_dir else paths.cache_root() / "tfds"
+    return tfds_source(data_dir, seed=config.seed, documents=d.train_documents,
+                       documents_per_step=d.documents_per_step, facts_per_document=d.facts_per_document,
+                       questions_per_document=d.questions_per_document, paraphrases=source.paraphrases)
+  if d.source == "generator":
+    return source
+  raise UserError(f"unknown data.source {d.source!r}; valid: tfds, generator")
+
+
+def heldout_documents(config, count: int) -> list[synthetic.SyntheticDocument]:
+  """The first `count` validation-split documents of the config's synthetic worlds (disjoint from train)."""
+  source = SyntheticSource(seed=config.seed, facts_per_document=tuple(config.data.facts_per_document),
+                           questions_per_document=config.data.questions_per_document, split="validation")
+  return [source.document(i) for i in range(count)]
