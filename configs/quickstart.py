@@ -1,18 +1,21 @@
-"""The embedded default: the bundled SmolLM2-135M-Instruct answering a question about an invented document.
+"""The embedded default, the main job: the bundled SmolLM2-135M-Instruct learns to compile invented documents.
 
-Run:
+Run (train -> held-out evaluation with the learning check -> params-only Orbax export; ~10 min on 2 cores):
   python -m doc2atom_jax.main --config=configs/quickstart.py --workdir=runs/quickstart
-Documents -> an atom bank, then a question against it (the compiler is untrained until the trainer lands):
+The Doc-to-LoRA baselines, same budget: --config=configs/quickstart.py:d2l (or :d2l_atom).
+Documents -> an atom bank with the trained compiler, then a question against it:
   python -m doc2atom_jax.main --config=configs/quickstart.py --config.mode=compile \
-      --config.compile.input=docs.jsonl --workdir=runs/quickstart
-  python -m doc2atom_jax.main --config=configs/quickstart.py --config.mode=ask \
+      --config.params=runs/quickstart/export --config.compile.input=docs.jsonl --workdir=runs/quickstart
+  python -m doc2atom_jax.main --config=configs/quickstart.py --config.mode=ask --config.params=runs/quickstart/export \
       --config.ask.bank=runs/quickstart/banks/docs --config.ask.question="Who founded the Orlen Observatory?"
-Override any field, e.g.:
-  python -m doc2atom_jax.main --config=configs/quickstart.py --config.generate.question="When was it founded?"
-  python -m doc2atom_jax.main --config=configs/quickstart.py --config.model.name=tiny-random-llama
+The in_context baseline on a document of your own:
+  python -m doc2atom_jax.main --config=configs/quickstart.py --config.mode=generate --config.generate.question="When was it founded?"
+Override any field, e.g. --config.model.name=tiny-random-llama, --config.train.steps=300.
 """
 
 import ml_collections
+
+from configs import variants
 
 DOCUMENT = (
     "The Orlen Observatory was founded in 1871 by the astronomer Maria Delvane. It stands on a basalt ridge "
@@ -22,9 +25,8 @@ DOCUMENT = (
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  del arg
   c = ml_collections.ConfigDict()
-  c.mode = "generate"  # generate | train | compile | ask (eval/export arrive with their issues)
+  c.mode = "train"  # train (the main job) | generate | compile | ask | selfgen
   c.seed = 0
   c.params = ""  # a trained compiler + router (<workdir>/export of mode=train) for compile and ask
 
@@ -85,17 +87,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.loss.kd, c.loss.ce, c.loss.route, c.loss.atom, c.loss.null = 1.0, 0.1, 1.0, 1.0, 1.0
   c.loss.type, c.loss.l1, c.loss.orth = 0.1, 0.1, 0.01
   c.data = ml_collections.ConfigDict()
-  c.data.source = "tfds"  # tfds: array_record corpus read through tfds.data_source + grain; generator: by index
-  c.data.data_dir = ""  # where the TFDS corpus is prepared; default <cache>/tfds
-  c.data.train_documents = 2000  # the corpus size; steps beyond it start a new, reshuffled epoch
+  # tfds: synthetic array_record corpus read through tfds.data_source + grain; generator: synthetic, by index;
+  # qa: qa_files + self_gen prepared as a LocalQAJsonl dataset, read like tfds (doc2atom_jax/train/data.py).
+  c.data.source = "tfds"
+  c.data.data_dir = ""  # where the TFDS corpora are prepared; default <cache>/tfds
+  c.data.train_documents = 2000  # the synthetic corpus size; steps beyond it start a new, reshuffled epoch
   c.data.documents_per_step = 1
-  c.data.facts_per_document = (4, 8)
-  c.data.questions_per_document = 8
+  c.data.facts_per_document = (4, 8)  # synthetic training without a curriculum, and held-out documents
+  c.data.questions_per_document = 8  # real QA documents with more get a seeded sample per step
+  c.data.curriculum = ()  # ((start_step, (min_facts, max_facts)), ...) from step 0; () = off
+  # qa: JSONL paths or globs (e.g. selfgen's shard-*.jsonl), bundled samples or qa.load_source names, each with
+  # an optional @split: ("squad@dev", "tfds:squad/v1.1@train", "runs/sg/selfgen/shard-*.jsonl").
+  c.data.qa_files = ()
+  c.data.self_gen = ()  # qa: Doc-to-LoRA's released self-generated QA (qa.read_self_gen): files, folders, globs
+  c.data.on_error = "raise"  # a malformed QA JSONL line: raise (file, line, field) | skip (counts printed)
 
   # After training: a quick evaluation on held-out (validation-split) synthetic documents.
   c.eval = ml_collections.ConfigDict()
   c.eval.documents = 4  # 0 skips it
   c.eval.max_new_tokens = 12
+  c.eval.margin = 0.05  # the learning check: doc2atom's KL must beat each control by this many nats/token
 
   # mode=compile: a JSONL of documents ({"doc_id"|"id", "text"|"context"} per line) -> an atom bank.
   c.compile = ml_collections.ConfigDict()
@@ -109,5 +120,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.ask.doc_id = ""  # d2l / d2l_atom compose one document's adapters: which one
   c.ask.max_new_tokens = 24
 
+  # mode=selfgen: the base model's greedy answers (document in the prompt) as training targets, sharded and
+  # resumable (doc2atom_jax/data/selfgen.py).
+  c.selfgen = ml_collections.ConfigDict()
+  c.selfgen.input = ""  # a QA JSONL in the project schema; or set `source`
+  c.selfgen.source = ""  # a qa.load_source name (squad, tfds:squad/v1.1, ...)
+  c.selfgen.split = ""  # of `source`; default its evaluation split
+  c.selfgen.limit = 0  # the first N questions; 0 = all
+  c.selfgen.on_error = "raise"  # a malformed line of `input`: raise | skip (counted in a warning)
+  c.selfgen.output = ""  # default <workdir>/selfgen
+  c.selfgen.num_shards = 0  # 0 = jax.process_count()
+  c.selfgen.shard = -1  # -1 = this process's shards (i % process_count == process_index)
+  c.selfgen.max_new_tokens = 32
+  c.selfgen.batch_size = 16  # most questions of one document per generate call
+  c.selfgen.documents_per_part = 16  # the unit of resumption
+  c.selfgen.on_long = "error"  # a document too long for the context: error | skip (counted)
+
+  variants.apply(c, arg)  # --config=configs/quickstart.py:d2l (or :d2l_atom) trains a baseline instead
   c.lock()
   return c

@@ -12,6 +12,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from doc2atom_jax.errors import UserError
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (get_config() -> ConfigDict).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs (checkpoints, banks, reports).")
@@ -21,7 +23,6 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   from doc2atom_jax import modes, paths
-  from doc2atom_jax.errors import UserError
 
   try:
     config = _CONFIG.value
@@ -53,7 +54,7 @@ def _parse_flags(argv):
   """absl's parsing, with config typos and bad override values as one line instead of a traceback."""
   try:
     return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError, UserError) as e:
     print(f"error: bad flags or config override: {_message(e)}", file=sys.stderr)
     sys.exit(2)
 

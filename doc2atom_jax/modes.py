@@ -158,35 +158,36 @@ def train(config, workdir: pathlib.Path | None):
     raise UserError("set --workdir: training writes checkpoints and metrics there")
   system = build_system(config)
   tcfg = trainer.TrainConfig(**{**config.train.to_dict(), "mesh": tuple(config.train.mesh)})
-  routed = config.atoms.method == "doc2atom"
-  weights = config.loss.to_dict()
-  if not routed:  # d2l / d2l_atom: no router, so no routing, atom-fidelity or null terms
-    weights.update(route=0.0, atom=0.0, null=0.0)
-  loss_cfg = step_lib.LossConfig(**weights, k=config.atoms.k, normalization=config.atoms.normalization,
-                                 routed=routed)
-  documents_for_step = data_lib.source_from_config(config)
+  loss_cfg = step_lib.loss_config(config)
+  documents_for_step = data_lib.source_from_config(config, tokenizer=system.model.tokenizer)
   # What must match for a checkpoint to be resumed: everything but the step budget and the mode.
   run_meta = {k: v for k, v in config.to_dict().items()
-              if k not in ("mode", "params", "generate", "compile", "ask", "eval")}
+              if k not in ("mode", "params", "generate", "compile", "ask", "eval", "selfgen")}
   run_meta["train"] = {k: v for k, v in run_meta["train"].items() if k not in ("steps", "allow_config_change")}
   run_meta = json.loads(json.dumps(run_meta, default=list))
+  heldout = data_lib.heldout_documents(config, config.eval.documents) if config.eval.documents else []
+  untrained = _untrained_results(system, heldout, workdir, run_meta) if heldout else None
   history = trainer.train(system, lambda step: documents_for_step(step, system.model.tokenizer), tcfg, loss_cfg,
                           workdir,
                           run_meta=run_meta,
                           num_questions=config.data.documents_per_step * config.data.questions_per_document)
-  if not history or history[-1]["step"] == tcfg.steps:  # finished (not preempted): export the parameters
+  finished = not history or history[-1]["step"] == tcfg.steps  # not preempted
+  if finished:
     from doc2atom_jax import checkpoint
 
     path = checkpoint.export_params((system.compiler, system.router), workdir / "export",
                                     {"run": run_meta, "step": tcfg.steps, "model": system.model.name})
     print(f"exported the trained compiler and router to {path} (use --config.params={path})")
-  if config.eval.documents and (not history or history[-1]["step"] == tcfg.steps):
+  if finished and heldout:
     from doc2atom_jax.eval import quick
 
-    docs = data_lib.heldout_documents(config, config.eval.documents)
-    results = quick.evaluate(system, docs, max_new_tokens=config.eval.max_new_tokens)
-    fileio.atomic_write_text(workdir / "results.json", json.dumps(results, indent=1))
-    print(f"held-out evaluation ({len(docs)} validation documents):\n{quick.format_table(results)}")
+    results = quick.evaluate(system, heldout, max_new_tokens=config.eval.max_new_tokens)
+    check = quick.learning_check(results, untrained, config.eval.margin)
+    fileio.atomic_write_text(workdir / "results.json", json.dumps(
+        {"methods": results, "untrained": untrained, "learning_check": check}, indent=1))
+    print(f"held-out evaluation ({len(heldout)} validation documents; kl: top-16 KL to the in-context teacher "
+          "on the answer tokens, nll: of the gold answer, both nats/token, lower is better):\n"
+          f"{quick.format_table(results)}\n\nlearning check:\n{quick.format_check(check)}")
   if len(history) >= 4:  # batches differ step to step: compare the means of the first and last quarters
     q = len(history) // 4
     mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)
@@ -196,3 +197,28 @@ def train(config, workdir: pathlib.Path | None):
 
 
 MODES["train"] = train
+
+
+def _untrained_results(system, documents, workdir: pathlib.Path, run_meta: dict) -> dict:
+  """The held-out evaluation of the compiler as initialized (no generation), kept in the workdir for resumes."""
+  from doc2atom_jax.eval import quick
+
+  path = workdir / "untrained.json"
+  if path.exists():
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    if saved.get("run") == run_meta and saved.get("documents") == len(documents):
+      return saved["results"]
+  results = quick.evaluate(system, documents, generate=False, controls=False, baselines=False)
+  workdir.mkdir(parents=True, exist_ok=True)
+  fileio.atomic_write_text(path, json.dumps({"run": run_meta, "documents": len(documents), "results": results}))
+  return results
+
+
+def selfgen(config, workdir: pathlib.Path | None):
+  """The base model's greedy answers to QA questions, document in the prompt, as training targets (sharded)."""
+  from doc2atom_jax.data import selfgen as selfgen_lib
+
+  return selfgen_lib.main(config, workdir, lambda: load_model(config))
+
+
+MODES["selfgen"] = selfgen

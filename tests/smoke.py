@@ -29,7 +29,7 @@ def main() -> None:
     assert len(answer) == 1, family
     print(f"  {family}: logits {tuple(logits.shape)}, generated {answer[0]!r}")
   cli = [sys.executable, "-m", "doc2atom_jax.main", "--config=configs/quickstart.py",
-         "--config.model.name=tiny-random-llama", "--config.generate.max_new_tokens=4"]
+         "--config.mode=generate", "--config.model.name=tiny-random-llama", "--config.generate.max_new_tokens=4"]
   result = subprocess.run(cli, capture_output=True, text=True, check=False)
   assert result.returncode == 0 and "A:" in result.stdout, result.stderr[-2000:]
   print("smoke ok")

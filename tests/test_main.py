@@ -12,8 +12,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def cli(*overrides, workdir=None):
+  """The quickstart config; mode generate unless an override names another."""
+  mode = [] if any(o.startswith("--config.mode=") for o in overrides) else ["--config.mode=generate"]
   cmd = [sys.executable, "-m", "doc2atom_jax.main", "--config=configs/quickstart.py",
-         "--config.generate.max_new_tokens=4", *overrides]
+         "--config.generate.max_new_tokens=4", *mode, *overrides]
   if workdir:
     cmd.append(f"--workdir={workdir}")
   env = dict(os.environ, XLA_FLAGS="")  # one device is enough here

@@ -9,8 +9,13 @@ an atom is *stored* as its codes and materialized at composition time (`compose.
 instead of L·n_t·r·(d_in + d_out).
 
 Choices the design leaves open, and why:
-- Span states are RMS-normalized (no gain) before the input projection: the residual stream's scale grows
-  ~10-100x from the first to the last layer, and one shared projection must read all of them.
+- Span states are standardized per layer and feature by the base model's own statistics
+  (`encode.calibration_statistics`, held here as frozen `state_mean`/`state_scale`, shared with the router's
+  question features), then RMS-normalized (no gain) before the input projection: raw states share massive
+  features and a common direction, and their scale grows ~10-100x from the first to the last layer; one
+  shared projection must read what distinguishes one atom from another at every layer.
+- The code is the normalized sum of what the blocks wrote (not the latent queries plus it): the queries
+  are the same for every atom and otherwise dominate the code (codes of different atoms at cosine 0.99).
 - The key reads the masked mean of the span at one middle layer (`key_layer`), the same layer the router
   reads for the question, so question and atom features come from one representation; a small MLP, a
   type embedding and L2 normalization follow. Type logits share the MLP's hidden layer.
@@ -28,6 +33,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from doc2atom_jax.atoms.atomize import ATOM_TYPES
+
+
+STATISTICS = ("state_mean", "state_scale")  # frozen: set from the base model, never trained
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +130,9 @@ class AtomCompiler(nnx.Module):
                             for _, do in cfg.target_dims])
     self.scale_a = _param(None, (L, nt, 1), ("layers", "targets", None), value=jnp.ones((L, nt, 1)))
     self.scale_b = _param(None, (L, nt, 1), ("layers", "targets", None), value=zeros(L, nt, 1))
+    # The base model's state statistics (identity until `set_statistics`; frozen: read under stop_gradient).
+    self.state_mean = _param(None, (L, d), ("layers", "embed"), value=zeros(L, d))
+    self.state_scale = _param(None, (L, d), ("layers", "embed"), value=jnp.ones((L, d)))
     # Keys and types.
     self.key_w1 = _param(key(), (d, w), ("embed", "width"))
     self.key_w2 = _param(key(), (w, cfg.key_dim), ("width", "key"))
@@ -132,6 +143,19 @@ class AtomCompiler(nnx.Module):
     self.null_key = _param(key(), (cfg.key_dim,), ("key",), std=1.0)
     if cfg.default_rank:
       self.default_codes = _param(key(), (L, nt, cfg.default_rank, c), ("layers", "targets", "rank", "code"), std=1.0)
+
+  def set_statistics(self, mean, scale):
+    """Per-layer feature mean and inverse spread [L, d] of the base model's states (from calibration)."""
+    self.state_mean.value = jnp.asarray(mean, jnp.float32)
+    self.state_scale.value = jnp.asarray(scale, jnp.float32)
+
+  def standardize(self, states, layers=None):
+    """States [L', ..., d] of `layers` (default: all, in order) centred and scaled by the frozen statistics."""
+    mean, scale = jax.lax.stop_gradient(self.state_mean[...]), jax.lax.stop_gradient(self.state_scale[...])
+    if layers is not None:
+      mean, scale = mean[jnp.asarray(layers)], scale[jnp.asarray(layers)]
+    shape = (mean.shape[0],) + (1,) * (states.ndim - 2) + (mean.shape[1],)
+    return (states.astype(jnp.float32) - mean.reshape(shape)) * scale.reshape(shape)
 
   # -- trunk --------------------------------------------------------------------------------------------
   def _block(self, b: int, h, ctx, ctx_mask):
@@ -152,15 +176,18 @@ class AtomCompiler(nnx.Module):
     """span_states [L, N, S, d] (inputs of each layer), span_mask [N, S], types [N] -> codes [N, L, n_t, r, c]."""
     cfg = self.cfg
     L, N = span_states.shape[:2]
-    ctx = _rms(span_states.astype(jnp.float32)) @ self.in_proj[...]  # [L, N, S, w]
+    ctx = _rms(self.standardize(span_states)) @ self.in_proj[...]  # [L, N, S, w]
     ctx = ctx + self.layer_emb[...][:, None, None, :]
     queries = (self.latents[...][None, None] + self.target_emb[...][None, None, :, None]
                + self.layer_emb[...][:, None, None, None] + self.type_emb[...][types][None, :, None, None])
     h = queries.reshape(L, N, cfg.num_targets * cfg.rank, cfg.width)  # [L, N, Q, w]
     mask = jnp.broadcast_to(span_mask[None], (L, *span_mask.shape))
+    h0 = h
     for b in range(cfg.num_blocks):
       h = self._block(b, h, ctx, mask)
-    codes = _rms(_layer_norm(h, self.out_norm[...]) @ self.code_proj[...])
+    # The code reads what the blocks wrote, not the (document-independent) queries themselves, which would
+    # otherwise dominate every code and make all atoms alike.
+    codes = _rms(_layer_norm(h - h0, self.out_norm[...]) @ self.code_proj[...])
     codes = codes.reshape(L, N, cfg.num_targets, cfg.rank, cfg.code_dim)
     return jnp.moveaxis(codes, 1, 0)
 
@@ -170,7 +197,7 @@ class AtomCompiler(nnx.Module):
     return jax.nn.gelu(pooled @ self.key_w1[...])
 
   def keys(self, key_layer_states, span_mask, types):
-    """States of the key layer [N, S, d] -> (normalized keys [N, d_k], type logits [N, n_types])."""
+    """Standardized states of the key layer [N, S, d] -> (normalized keys [N, d_k], type logits [N, n_types])."""
     hidden = self._pooled_features(key_layer_states, span_mask)
     keys = hidden @ self.key_w2[...] + self.key_type[...][types]
     return _l2(keys), hidden @ self.type_head[...]
@@ -178,7 +205,8 @@ class AtomCompiler(nnx.Module):
   def __call__(self, span_states, span_mask, types):
     """Compiles N atoms at once: (codes [N, L, n_t, r, c], keys [N, d_k], type logits [N, n_types])."""
     codes = self.codes(span_states, span_mask, types)
-    keys, type_logits = self.keys(span_states[self.cfg.layer_for_keys], span_mask, types)
+    layer = self.cfg.layer_for_keys
+    keys, type_logits = self.keys(self.standardize(span_states[layer][None], (layer,))[0], span_mask, types)
     return codes, keys, type_logits
 
   def null(self):

@@ -56,8 +56,9 @@ class AtomSystem:
   @classmethod
   def create(cls, model, compiler_cfg: compiler_lib.CompilerConfig, method: MethodConfig, seed: int = 0):
     rngs = nnx.Rngs(seed)
-    return cls(model, compiler_lib.AtomCompiler(compiler_cfg, rngs=rngs), router_lib.Router(compiler_cfg, rngs=rngs),
-               method)
+    compiler = compiler_lib.AtomCompiler(compiler_cfg, rngs=rngs)
+    compiler.set_statistics(*encode.calibration_statistics(model))
+    return cls(model, compiler, router_lib.Router(compiler_cfg, rngs=rngs), method)
 
   @property
   def cfg(self) -> compiler_lib.CompilerConfig:
@@ -108,9 +109,10 @@ class AtomSystem:
     mask = np.zeros((len(seqs), length), bool)
     for i, s in enumerate(seqs):
       tokens[i, :len(s)], mask[i, :len(s)] = s, True
+    layer = self.cfg.layer_for_keys
     states = encode.layer_states_jit(self.model.weights, self.model.config, jnp.asarray(tokens),
-                                     jnp.asarray(mask), layers=(self.cfg.layer_for_keys,))[0]
-    return states, jnp.asarray(mask)
+                                     jnp.asarray(mask), layers=(layer,))
+    return self.compiler.standardize(states, (layer,))[0], jnp.asarray(mask)
 
   def select(self, bank: bank_lib.AtomBank, questions: list[str], doc_id: str | None = None):
     """(indices [B, k'], weights [B, k'], abstain [B]) over the bank's rows.

@@ -1,9 +1,14 @@
-"""A small evaluation on held-out synthetic documents: no_context vs in_context vs doc2atom.
+"""A small evaluation on held-out synthetic documents: no_context vs in_context vs doc2atom, and controls.
 
 Primary metrics are continuous — the teacher-forced negative log-likelihood of the gold answer and the
 top-K KL to the in-context teacher on the answer tokens — because at CPU scale generated-answer metrics
 (F1, EM) move late. Refusals are counted on out-of-scope questions, false refusals on the others. The full
 evaluator (every method of DESIGN §3, real QA, confidence intervals, report) grows from this module.
+
+Controls say whether doc2atom learned anything about *the document*: `default_only` (the trained default
+adapter, no atoms: what format learning alone buys) and `wrong_document` (the question routed over the
+atoms of another held-out document). `learning_check` compares doc2atom against them, and against the
+untrained compiler, by a stated margin.
 """
 
 import collections
@@ -15,12 +20,13 @@ import numpy as np
 from doc2atom_jax.atoms import atomize, bank as bank_lib
 from doc2atom_jax.data import prompts
 from doc2atom_jax.eval import metrics as metrics_lib
-from doc2atom_jax.models import decoder as decoder_lib
 from doc2atom_jax.train import batch as batch_lib
 from doc2atom_jax.train import data as data_lib
 from doc2atom_jax.train import losses
+from doc2atom_jax.train import step as step_lib
 
 METHODS = ("no_context", "in_context", "doc2atom")
+CONTROLS = ("default_only", "wrong_document")
 
 
 def in_memory_bank(documents: list[bank_lib.BankDocument], code_dtype: str = "bfloat16") -> bank_lib.AtomBank:
@@ -37,43 +43,59 @@ def in_memory_bank(documents: list[bank_lib.BankDocument], code_dtype: str = "bf
       texts={d.doc_id: d.text for d in documents}, code_dtype=code_dtype)
 
 
-def _forward_logits(model, tokens, mask, adapter=None):
-  return decoder_lib.forward(model.weights, model.config, jnp.asarray(tokens), attention_mask=jnp.asarray(mask),
-                             adapter=adapter).logits
+_answer_logits = jax.jit(step_lib.answer_logits, static_argnums=1)
 
 
-def _teacher_nll(model, question_rows, doc_text):
-  """Gold-answer NLL with the document in the prompt, per question."""
-  out = []
-  for q in question_rows:
-    prompt = model.encode(model.chat_prompt(prompts.in_context_prompt(doc_text, q.question)))
-    answer = batch_lib.answer_tokens(model, q.answer)
-    tokens = np.asarray([prompt + answer], np.int32)
-    logits = _forward_logits(model, tokens, np.ones_like(tokens, bool))
-    logp = jax.nn.log_softmax(logits[0, len(prompt) - 1:-1], axis=-1)
-    out.append(float(-jnp.mean(logp[jnp.arange(len(answer)), jnp.asarray(answer)])))
-  return out
+def _teacher_nll(model, question_rows, doc_text, bucket: int = 64):
+  """Gold-answer NLL with the document in the prompt, per question (one padded batch, one forward)."""
+  prompts_ = [model.encode(model.chat_prompt(prompts.in_context_prompt(doc_text, q.question))) for q in question_rows]
+  answers = [batch_lib.answer_tokens(model, q.answer) for q in question_rows]
+  length = -(-max(len(p) + len(a) for p, a in zip(prompts_, answers)) // bucket) * bucket
+  width = -(-max(map(len, answers)) // 8) * 8
+  b = {"s_tokens": np.zeros((len(answers), length), np.int32), "s_mask": np.zeros((len(answers), length), bool),
+       "answer_pos": np.zeros((len(answers), width), np.int32), "answer_mask": np.zeros((len(answers), width), bool),
+       "targets": np.zeros((len(answers), width), np.int32)}
+  for i, (p, a) in enumerate(zip(prompts_, answers)):
+    b["s_tokens"][i, :len(p) + len(a)], b["s_mask"][i, :len(p) + len(a)] = p + a, True
+    b["answer_pos"][i, :len(a)] = np.arange(len(p) - 1, len(p) + len(a) - 1)
+    b["answer_mask"][i, :len(a)], b["targets"][i, :len(a)] = True, a
+  b = {k: jnp.asarray(v) for k, v in b.items()}
+  logits = _answer_logits(model.weights, model.config, b, None)
+  return np.asarray(losses.answer_ce(logits, b["targets"], b["answer_mask"])).tolist()
 
 
-def evaluate(system, documents, *, max_new_tokens: int = 12, generate: bool = True) -> dict:
-  """Per method: mean nll, kl (to the in-context teacher), f1, em, refusal rates; plus routing top-1."""
+def evaluate(system, documents, *, max_new_tokens: int = 12, generate: bool = True, controls: bool = True,
+             baselines: bool = True) -> dict:
+  """Per method: mean nll, kl (to the in-context teacher), f1, em, refusal rates; plus routing top-1.
+
+  With `controls` (and two documents or more), also `default_only` and `wrong_document` (nll, kl); without
+  `baselines`, doc2atom (and its controls) only.
+  """
   model = system.model
   per = collections.defaultdict(lambda: collections.defaultdict(list))
-  for doc in documents:
+  banks = [in_memory_bank([system.compile_document(doc.text, doc.doc_id)]) for doc in documents]
+  for j, doc in enumerate(documents):
     td = data_lib.to_train_document(doc, model.tokenizer)
     b = batch_lib.build(model, [td])
-    bank = in_memory_bank([system.compile_document(doc.text, doc.doc_id)])
+    bank = banks[j]
     questions = [q.question for q in td.questions]
     indices, weights, abstain = system.select(bank, questions)
-    adapters = {"no_context": None, "doc2atom": system.adapter(bank, indices, weights)}
-    ans = jnp.asarray(b["answer_mask"])
+    adapters = {"no_context": None} if baselines else {}
+    adapters["doc2atom"] = system.adapter(bank, indices, weights)
+    if controls and len(documents) > 1:
+      adapters["default_only"] = system.adapter(bank, indices, np.zeros_like(weights))
+      other = banks[(j + 1) % len(documents)]
+      adapters["wrong_document"] = system.adapter(other, *system.select(other, questions)[:2])
+    b = {k_: jnp.asarray(v) for k_, v in b.items()}
+    ans = b["answer_mask"]
     for method, adapter in adapters.items():
-      logits = _forward_logits(model, b["s_tokens"], b["s_mask"], adapter)
+      logits = _answer_logits(model.weights, model.config, b, adapter)
       per[method]["nll"] += np.asarray(losses.answer_ce(logits, jnp.asarray(b["targets"]), ans)).tolist()
       per[method]["kl"] += np.asarray(losses.topk_kl(logits, jnp.asarray(b["teacher_ids"]),
                                                      jnp.asarray(b["teacher_logp"]), ans)).tolist()
-    per["in_context"]["nll"] += _teacher_nll(model, td.questions, doc.text)
-    per["in_context"]["kl"] += [0.0] * len(questions)
+    if baselines:
+      per["in_context"]["nll"] += _teacher_nll(model, td.questions, doc.text)
+      per["in_context"]["kl"] += [0.0] * len(questions)
     for q, idx, abst in zip(td.questions, indices, abstain):
       if q.evidence:
         per["doc2atom"]["route_top1"].append(float(not abst and int(idx[0]) in q.evidence))
@@ -81,21 +103,39 @@ def evaluate(system, documents, *, max_new_tokens: int = 12, generate: bool = Tr
         per["doc2atom"]["route_top1"].append(float(bool(abst)))
     if not generate:
       continue
-    outputs = {
-        "no_context": model.generate([prompts.question_prompt(q) for q in questions], max_new_tokens=max_new_tokens),
-        "in_context": model.generate([prompts.in_context_prompt(doc.text, q) for q in questions],
-                                     max_new_tokens=max_new_tokens),
-        "doc2atom": [("unknown" if a else o) for a, o in zip(abstain, model.generate(
-            [prompts.question_prompt(q) for q in questions], max_new_tokens=max_new_tokens,
-            adapter=adapters["doc2atom"]))],
-    }
+    outputs = {"doc2atom": [("unknown" if a else o) for a, o in zip(abstain, model.generate(
+        [prompts.question_prompt(q) for q in questions], max_new_tokens=max_new_tokens,
+        adapter=adapters["doc2atom"]))]}
+    if baselines:
+      outputs["no_context"] = model.generate([prompts.question_prompt(q) for q in questions],
+                                             max_new_tokens=max_new_tokens)
+      outputs["in_context"] = model.generate([prompts.in_context_prompt(doc.text, q) for q in questions],
+                                             max_new_tokens=max_new_tokens)
     for method, answers in outputs.items():
       for q, text in zip(td.questions, answers):
         refs = [q.answer]
         per[method]["f1"].append(metrics_lib.f1_score(text, refs))
         per[method]["em"].append(metrics_lib.exact_match(text, refs))
         per[method]["refusal" if q.out_of_scope else "false_refusal"].append(float(metrics_lib.is_refusal(text)))
-  return {m: {k: float(np.mean(v)) for k, v in per[m].items() if v} for m in METHODS}
+  return {m: {k: float(np.mean(v)) for k, v in per[m].items() if v} for m in (*METHODS, *CONTROLS) if m in per}
+
+
+def learning_check(results: dict, untrained: dict | None, margin: float) -> list[dict]:
+  """doc2atom's held-out KL against each control: passed when lower by at least `margin` (nats per token)."""
+  ours = results["doc2atom"]["kl"]
+  controls = {"untrained compiler": untrained["doc2atom"]["kl"] if untrained else None,
+              "default adapter only": results.get("default_only", {}).get("kl"),
+              "atoms of another document": results.get("wrong_document", {}).get("kl")}
+  return [{"control": name, "control_kl": kl, "doc2atom_kl": ours, "margin": margin,
+           "passed": bool(kl - ours >= margin)} for name, kl in controls.items() if kl is not None]
+
+
+def format_check(rows: list[dict]) -> str:
+  lines = ["| doc2atom vs | control kl | doc2atom kl | required margin | result |", "|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['control']} | {r['control_kl']:.3f} | {r['doc2atom_kl']:.3f} | {r['margin']:.3f} | "
+                 f"{'PASS' if r['passed'] else 'FAIL'} ({r['control_kl'] - r['doc2atom_kl']:+.3f}) |")
+  return "\n".join(lines)
 
 
 def format_table(results: dict) -> str:

@@ -77,11 +77,32 @@ class BaseModel:
 
   # -- text -----------------------------------------------------------------------------------------------
   def chat_prompt(self, user: str, system: str | None = None) -> str:
-    """The user message in the model's chat template, ready for the assistant's answer."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-    if getattr(self.tokenizer, "chat_template", None):
-      return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return (system + "\n\n" if system else "") + user + "\n"
+    """The user message in the model's chat template, ready for the assistant's answer.
+
+    Without `system`, the shortest rendering wins: some templates (SmolLM2's) insert a default system
+    prompt when none is given, which an empty system turn avoids; templates without a system role keep
+    the user turn alone. Short student prompts are cheaper and make teacher and student differ only in
+    the document.
+    """
+    if not getattr(self.tokenizer, "chat_template", None):
+      return (system + "\n\n" if system else "") + user + "\n"
+    render = lambda messages: self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                                 add_generation_prompt=True)
+    user_turn = [{"role": "user", "content": user}]
+    if system:
+      return render([{"role": "system", "content": system}] + user_turn)
+    candidates = [render(user_turn)]
+    try:
+      candidates.append(render([{"role": "system", "content": ""}] + user_turn))
+    except Exception:  # a template that refuses a system role (Gemma's)
+      pass
+    return min(candidates, key=len)
+
+  @property
+  def end_of_turn_id(self) -> int | None:
+    """The token that closes an assistant turn in the chat template (<|im_end|>, <end_of_turn>, ...), else EOS."""
+    vocab = self.tokenizer.get_vocab()
+    return next((vocab[t] for t in _END_OF_TURN if t in vocab), self.tokenizer.eos_token_id)
 
   def encode(self, text: str) -> list[int]:
     return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])

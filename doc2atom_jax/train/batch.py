@@ -40,8 +40,8 @@ def answer_tokens(model, answer: str) -> list[int]:
   ids = list(model.tokenizer(answer.strip(), add_special_tokens=False)["input_ids"])
   if not ids:
     raise UserError(f"the answer {answer!r} tokenizes to nothing")
-  eot = model.tokenizer.convert_tokens_to_ids("<|im_end|>")
-  return ids + ([eot] if isinstance(eot, int) and eot >= 0 and eot != model.tokenizer.unk_token_id else [])
+  eot = model.end_of_turn_id
+  return ids + ([eot] if eot is not None else [])
 
 
 def _pad(rows, length, dtype, fill=0):
@@ -52,7 +52,8 @@ def _pad(rows, length, dtype, fill=0):
 
 
 def build(model, documents: list[TrainDocument], *, cache: teacher_lib.TeacherCache | None = None,
-          k: int = teacher_lib.TOP_K, token_bucket: int = 64, atom_bucket: int = 8, span_bucket: int = 16,
+          k: int = teacher_lib.TOP_K, token_bucket: int = 16, doc_bucket: int = 32, atom_bucket: int = 8,
+          span_bucket: int = 16, answer_bucket: int = 8,
           num_questions: int | None = None) -> dict:
   """numpy arrays of one batch; teacher top-K from the cache (computed and stored where missing).
 
@@ -63,7 +64,7 @@ def build(model, documents: list[TrainDocument], *, cache: teacher_lib.TeacherCa
   D = len(documents)
   N = _bucket(max(len(d.doc.atoms) for d in documents), atom_bucket)
   S = _bucket(max(a.token_end - a.token_start for d in documents for a in d.doc.atoms), span_bucket)
-  T = _bucket(max(len(d.doc.token_ids) for d in documents), token_bucket)
+  T = _bucket(max(len(d.doc.token_ids) for d in documents), doc_bucket)
   if T > model.config.max_position_embeddings:
     raise UserError(f"a training document has {T} tokens, over the model's context of "
                     f"{model.config.max_position_embeddings}")
@@ -98,18 +99,21 @@ def build(model, documents: list[TrainDocument], *, cache: teacher_lib.TeacherCa
     ev_top = teacher_lib.topk_on_answers(model, ev_teachers, answers, k)
 
   Ts = _bucket(max(len(s) + len(a) for s, a in zip(students, answers)), token_bucket)
+  A = _bucket(max(map(len, answers)), answer_bucket)
   B = len(rows)
-  s_tokens = _pad([s + a for s, a in zip(students, answers)], Ts, np.int32)
-  batch.update(s_tokens=s_tokens, s_mask=_pad([[True] * (len(s) + len(a)) for s, a in zip(students, answers)], Ts, bool),
-               targets=np.concatenate([s_tokens[:, 1:], np.zeros((B, 1), np.int32)], axis=1),
-               answer_mask=np.zeros((B, Ts), bool), teacher_ids=np.zeros((B, Ts, k), np.int32),
-               teacher_logp=np.zeros((B, Ts, k), np.float32), ev_teacher_ids=np.zeros((B, Ts, k), np.int32),
-               ev_teacher_logp=np.zeros((B, Ts, k), np.float32))
+  batch.update(s_tokens=_pad([s + a for s, a in zip(students, answers)], Ts, np.int32),
+               s_mask=_pad([[True] * (len(s) + len(a)) for s, a in zip(students, answers)], Ts, bool),
+               answer_pos=np.zeros((B, A), np.int32), answer_mask=np.zeros((B, A), bool),
+               targets=np.zeros((B, A), np.int32), teacher_ids=np.zeros((B, A, k), np.int32),
+               teacher_logp=np.zeros((B, A, k), np.float32), ev_teacher_ids=np.zeros((B, A, k), np.int32),
+               ev_teacher_logp=np.zeros((B, A, k), np.float32))
   for b, (s, a) in enumerate(zip(students, answers)):
-    pos = np.arange(len(s) - 1, len(s) + len(a) - 1)
-    batch["answer_mask"][b, pos] = True
-    batch["teacher_ids"][b, pos], batch["teacher_logp"][b, pos] = top[b]
-    batch["ev_teacher_ids"][b, pos], batch["ev_teacher_logp"][b, pos] = ev_top[b]
+    n = len(a)
+    batch["answer_pos"][b, :n] = np.arange(len(s) - 1, len(s) + n - 1)
+    batch["answer_mask"][b, :n] = True
+    batch["targets"][b, :n] = a
+    batch["teacher_ids"][b, :n], batch["teacher_logp"][b, :n] = top[b]
+    batch["ev_teacher_ids"][b, :n], batch["ev_teacher_logp"][b, :n] = ev_top[b]
   Tq = _bucket(max(map(len, students)), token_bucket)
   batch.update(q_tokens=_pad(students, Tq, np.int32), q_mask=_pad([[True] * len(s) for s in students], Tq, bool))
   batch["doc_of_q"] = np.asarray([j for j, _ in rows], np.int32)
@@ -125,3 +129,18 @@ def build(model, documents: list[TrainDocument], *, cache: teacher_lib.TeacherCa
         pad = [(0, num_questions - B)] + [(0, 0)] * (batch[name].ndim - 1)
         batch[name] = np.pad(batch[name], pad)
   return batch
+
+
+def pad_up(batch: dict, floor: dict) -> tuple[dict, dict]:
+  """Zero-pads each array up to the per-axis maximum of its shape and `floor`; returns (batch, new floor).
+
+  Every field's padding is masked (doc_mask, atom_mask, s_mask, q_mask, q_valid are False there), so a
+  padded batch gives the same loss. A trainer that keeps the floor across steps compiles its step once per
+  growth of some axis instead of once per combination of buckets.
+  """
+  out, new_floor = {}, {}
+  for name, array in batch.items():
+    shape = tuple(max(a, b) for a, b in zip(array.shape, floor.get(name, array.shape)))
+    out[name] = np.pad(array, [(0, t - n) for t, n in zip(shape, array.shape)])
+    new_floor[name] = shape
+  return out, new_floor

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from doc2atom_jax.atoms import compiler as compiler_lib
 from doc2atom_jax.atoms import compose, encode, router as router_lib
 from doc2atom_jax.models import decoder as decoder_lib
 from doc2atom_jax.train import losses
@@ -28,9 +29,10 @@ BATCH_FIELDS = {
     # questions
     "doc_of_q": "[B] int32", "q_tokens": "[B, Tq] question-only prompt", "q_mask": "[B, Tq] bool",
     "s_tokens": "[B, Ts] student prompt + answer", "s_mask": "[B, Ts] bool",
-    "targets": "[B, Ts] next token", "answer_mask": "[B, Ts] bool (positions predicting answer tokens)",
-    "teacher_ids": "[B, Ts, K]", "teacher_logp": "[B, Ts, K] (document teacher)",
-    "ev_teacher_ids": "[B, Ts, K]", "ev_teacher_logp": "[B, Ts, K] (evidence teacher)",
+    "answer_pos": "[B, A] int32 positions of s_tokens whose logits predict the answer tokens",
+    "answer_mask": "[B, A] bool (real answer token)", "targets": "[B, A] the answer tokens",
+    "teacher_ids": "[B, A, K]", "teacher_logp": "[B, A, K] (document teacher)",
+    "ev_teacher_ids": "[B, A, K]", "ev_teacher_logp": "[B, A, K] (evidence teacher)",
     "evidence": "[B, N] bool", "labelled": "[B] bool", "out_of_scope": "[B] bool", "q_valid": "[B] bool",
 }
 
@@ -50,8 +52,23 @@ class LossConfig:
   routed: bool = True  # False: d2l / d2l_atom, every atom of the document at weight 1, no router
 
 
-def _student_logits(weights, cfg, batch, adapter):
-  return decoder_lib.forward(weights, cfg, batch["s_tokens"], attention_mask=batch["s_mask"], adapter=adapter).logits
+def loss_config(config) -> LossConfig:
+  """The loss of a run config: its weights, and the method's routing (d2l / d2l_atom have no router, so no
+  routing, atom-fidelity or null terms)."""
+  routed = config.atoms.method == "doc2atom"
+  weights = config.loss.to_dict()
+  if not routed:
+    weights.update(route=0.0, atom=0.0, null=0.0)
+  return LossConfig(**weights, k=config.atoms.k, normalization=config.atoms.normalization, routed=routed)
+
+
+def answer_logits(weights, cfg, batch, adapter):
+  """Student logits [B, A, V] at the answer positions only: the vocabulary projection of every other position
+  (most of a prompt) would cost ~20% of a small model's step for nothing."""
+  hidden = decoder_lib.forward(weights, cfg, batch["s_tokens"], attention_mask=batch["s_mask"], adapter=adapter,
+                               compute_logits=False).hidden
+  at_answers = jnp.take_along_axis(hidden, batch["answer_pos"][..., None], axis=1)
+  return decoder_lib.logits_from_hidden(weights, cfg, at_answers)
 
 
 def loss_fn(trainable, graphdef, base_weights, batch, *, model_cfg, loss_cfg: LossConfig):
@@ -78,7 +95,8 @@ def loss_fn(trainable, graphdef, base_weights, batch, *, model_cfg, loss_cfg: Lo
 
   # Questions: router scores over the own document's atoms + null; in-batch atoms of other docs as negatives.
   q_states = encode.layer_states(base_weights, model_cfg, batch["q_tokens"], batch["q_mask"],
-                                 (ccfg.layer_for_keys,))[0]
+                                 (ccfg.layer_for_keys,))
+  q_states = compiler.standardize(q_states, (ccfg.layer_for_keys,))[0]
   queries = router.query(q_states, batch["q_mask"])
   own_scores = router.scores(queries, keys[doc_of_q], atom_mask[doc_of_q], null_key)  # [B, N + 1]
   all_scores = router.scores(queries, keys.reshape(D * N, -1), atom_mask.reshape(D * N), null_key)  # [B, D*N+1]
@@ -94,7 +112,7 @@ def loss_fn(trainable, graphdef, base_weights, batch, *, model_cfg, loss_cfg: Lo
   else:
     weights = jnp.concatenate([atom_mask[doc_of_q], jnp.zeros((B, 1), bool)], axis=1).astype(jnp.float32)
   adapter = compose.compose(head, all_own, weights, default, ccfg.alpha, ccfg.targets)
-  logits = _student_logits(base_weights, model_cfg, batch, adapter)
+  logits = answer_logits(base_weights, model_cfg, batch, adapter)
   ans = batch["answer_mask"]
   kd_q = losses.topk_kl(logits, batch["teacher_ids"], batch["teacher_logp"], ans)
   ce_q = losses.answer_ce(logits, batch["targets"], ans)
@@ -109,7 +127,7 @@ def loss_fn(trainable, graphdef, base_weights, batch, *, model_cfg, loss_cfg: Lo
     ev = batch["evidence"] & atom_mask[doc_of_q]
     oracle = jnp.concatenate([ev, batch["out_of_scope"][:, None]], axis=1).astype(jnp.float32)
     oracle = oracle / jnp.maximum(oracle.sum(-1, keepdims=True), 1.0)
-    oracle_logits = _student_logits(base_weights, model_cfg, batch,
+    oracle_logits = answer_logits(base_weights, model_cfg, batch,
                                     compose.compose(head, all_own, oracle, default, ccfg.alpha, ccfg.targets))
     atom_q = losses.topk_kl(oracle_logits, batch["ev_teacher_ids"], batch["ev_teacher_logp"], ans)
     metrics["atom"] = per_doc(atom_q, valid=in_scope & batch["labelled"])
@@ -137,8 +155,15 @@ def make_optimizer(learning_rate: float = 1e-3, warmup_steps: int = 20, total_st
   """AdamW with linear warmup + cosine decay and global-norm clipping (optionally accumulated)."""
   schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, max(total_steps, warmup_steps + 1),
                                                 end_value=learning_rate * 0.1)
-  opt = optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, weight_decay=weight_decay))
+  opt = optax.chain(optax.clip_by_global_norm(clip_norm),
+                    optax.adamw(schedule, weight_decay=weight_decay, mask=_decayed))
   return optax.MultiSteps(opt, accumulate) if accumulate > 1 else opt
+
+
+def _decayed(params):
+  """Weight decay on every parameter but the compiler's frozen state statistics (they get no gradient)."""
+  frozen = lambda path: any(getattr(k, "key", getattr(k, "name", None)) in compiler_lib.STATISTICS for k in path)
+  return jax.tree_util.tree_map_with_path(lambda path, _: not frozen(path), params)
 
 
 def train_step(params, opt_state, base_weights, batch, *, graphdef, model_cfg, loss_cfg, optimizer):

@@ -21,26 +21,29 @@ TOP_K = 16
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "k"))
-def _topk_logprobs(weights, cfg, tokens, mask, *, k):
-  logits = decoder_lib.forward(weights, cfg, tokens, attention_mask=mask).logits
+def _topk_logprobs(weights, cfg, tokens, mask, positions, *, k):
+  """Top-k log-probs [B, A, k] at `positions` [B, A] only (the vocabulary projection of the document is skipped)."""
+  hidden = decoder_lib.forward(weights, cfg, tokens, attention_mask=mask, compute_logits=False).hidden
+  logits = decoder_lib.logits_from_hidden(weights, cfg, jnp.take_along_axis(hidden, positions[..., None], axis=1))
   return jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), k)
 
 
-def topk_on_answers(model, prompts: list[list[int]], answers: list[list[int]], k: int = TOP_K, bucket: int = 64):
+def topk_on_answers(model, prompts: list[list[int]], answers: list[list[int]], k: int = TOP_K, bucket: int = 64,
+                    answer_bucket: int = 8):
   """Teacher top-K (ids [A, K], log-probs [A, K]) at the positions that predict each answer token."""
   seqs = [p + a for p, a in zip(prompts, answers)]
   length = -(-max(map(len, seqs)) // bucket) * bucket
+  width = -(-max(map(len, answers)) // answer_bucket) * answer_bucket
   tokens = np.zeros((len(seqs), length), np.int32)
   mask = np.zeros((len(seqs), length), bool)
-  for i, s in enumerate(seqs):
-    tokens[i, :len(s)], mask[i, :len(s)] = s, True
-  logp, ids = _topk_logprobs(model.weights, model.config, jnp.asarray(tokens), jnp.asarray(mask), k=k)
-  logp, ids = np.asarray(logp), np.asarray(ids)
-  out = []
+  positions = np.zeros((len(seqs), width), np.int32)
   for i, (p, a) in enumerate(zip(prompts, answers)):
-    rows = np.arange(len(p) - 1, len(p) + len(a) - 1)
-    out.append((ids[i, rows].astype(np.int32), logp[i, rows].astype(np.float32)))
-  return out
+    tokens[i, :len(p) + len(a)], mask[i, :len(p) + len(a)] = p + a, True
+    positions[i, :len(a)] = np.arange(len(p) - 1, len(p) + len(a) - 1)
+  logp, ids = _topk_logprobs(model.weights, model.config, jnp.asarray(tokens), jnp.asarray(mask),
+                             jnp.asarray(positions), k=k)
+  logp, ids = np.asarray(logp), np.asarray(ids)
+  return [(ids[i, :len(a)].astype(np.int32), logp[i, :len(a)].astype(np.float32)) for i, a in enumerate(answers)]
 
 
 class TeacherCache:

@@ -19,6 +19,7 @@ import tqdm
 from flax import nnx
 
 from doc2atom_jax import fileio, parallel, paths
+from doc2atom_jax.data import prompts
 from doc2atom_jax.errors import UserError
 from doc2atom_jax.train import batch as batch_lib
 from doc2atom_jax.train import step as step_lib
@@ -103,9 +104,11 @@ def train(system, documents_for_step, tcfg: TrainConfig, loss_cfg: step_lib.Loss
     return step_lib.train_step(params, opt_state, weights, batch, graphdef=graphdef, model_cfg=model.config,
                                loss_cfg=loss_cfg, optimizer=optimizer)
 
-  compiled = {}
+  compiled, floor = {}, {}
 
   def run_step(params, opt_state, batch):
+    nonlocal floor
+    batch, floor = batch_lib.pad_up(batch, floor)
     b_sh = parallel.batch_shardings(batch, mesh, QUESTION_FIELDS)
     key = tuple((k, v.shape) for k, v in sorted(batch.items()))
     if key not in compiled:
@@ -137,7 +140,9 @@ def train(system, documents_for_step, tcfg: TrainConfig, loss_cfg: step_lib.Loss
         meta=ocp.args.JsonSave({"run": run_meta, "step": step})), force=True)
 
   # ---- Loop ----------------------------------------------------------------------------------------------
-  cache = teacher_lib.TeacherCache(paths.cache_root() / "teacher", model.name, "in_context_prompt/v1")
+  # Keyed by what the teacher's numbers depend on: model, compute dtype, and the rendered prompt template.
+  template = model.chat_prompt(prompts.in_context_prompt("{document}", "{question}"))
+  cache = teacher_lib.TeacherCache(paths.cache_root() / "teacher", f"{model.name}/{model.config.dtype}", template)
   preemption = _Preemption()
   from tensorboardX import SummaryWriter  # local: only the trainer writes events
 

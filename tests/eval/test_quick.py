@@ -17,7 +17,7 @@ def test_quick_evaluation_on_held_out_documents():
           for i in range(2)]
   results = quick.evaluate(system, docs, max_new_tokens=4)
   print("\n" + quick.format_table(results))
-  assert set(results) == set(quick.METHODS)
+  assert set(results) == set(quick.METHODS) | set(quick.CONTROLS)
   assert results["in_context"]["kl"] == 0.0
   for method in quick.METHODS:
     assert np.isfinite(results[method]["nll"]) and results[method]["nll"] > 0
@@ -25,3 +25,16 @@ def test_quick_evaluation_on_held_out_documents():
   assert results["no_context"]["kl"] > 0 and 0.0 <= results["doc2atom"]["route_top1"] <= 1.0
   # An untrained compiler is a no-op (B scalers start at 0) apart from the default adapter, also a no-op.
   np.testing.assert_allclose(results["doc2atom"]["nll"], results["no_context"]["nll"], rtol=1e-5)
+  # So are its controls; all three are the no-context model here.
+  for control in quick.CONTROLS:
+    np.testing.assert_allclose(results[control]["kl"], results["no_context"]["kl"], rtol=1e-5)
+
+
+def test_learning_check_states_margins_and_verdicts():
+  results = {"doc2atom": {"kl": 1.0}, "default_only": {"kl": 1.2}, "wrong_document": {"kl": 1.03}}
+  rows = quick.learning_check(results, {"doc2atom": {"kl": 2.0}}, margin=0.05)
+  assert [(r["control"], r["passed"]) for r in rows] == [
+      ("untrained compiler", True), ("default adapter only", True), ("atoms of another document", False)]
+  table = quick.format_check(rows)
+  assert "FAIL (+0.030)" in table and "PASS (+1.000)" in table and "0.050" in table
+  assert [r["control"] for r in quick.learning_check({"doc2atom": {"kl": 1.0}}, None, 0.05)] == []

@@ -63,3 +63,11 @@ def test_bundled_gemma3_270m_is_sane():
   nll = (logz[:-1] - logits[np.arange(len(ids) - 1), ids[1:]]).mean()
   print(f"Gemma-3-270M mean next-token NLL on {len(ids)} tokens of plain English: {nll:.3f} nats")
   assert 0.5 < nll < 3.0
+
+
+def test_student_prompt_has_no_default_system_prompt(smollm2):
+  """SmolLM2's template inserts "You are a helpful AI assistant named SmolLM..." unless a system turn is given."""
+  prompt = smollm2.chat_prompt("Who founded the Orlen Observatory?\nAnswer with a few words only.")
+  assert "SmolLM" not in prompt and prompt.endswith("<|im_start|>assistant\n")
+  assert len(smollm2.encode(prompt)) <= 48
+  assert "You are terse." in smollm2.chat_prompt("hi", system="You are terse.")

@@ -1,0 +1,24 @@
+"""Paper scale on Qwen3-4B-Instruct-2507: the Gemma-2-2B-it config (configs/gemma2_2b_it.py) on another base.
+
+Replace the placeholder paths first (a local Hugging Face folder; Doc-to-LoRA's self-generated QA for this
+base model). Run, one method per workdir (multi-host: the same command on every host):
+  python -m doc2atom_jax.main --config=configs/qwen3_4b.py --workdir=runs/qwen3_4b/doc2atom \
+      --config.model.name=hf:/data/models/Qwen3-4B-Instruct-2507 \
+      --config.data.self_gen="('/data/self_gen_qa_d2l/qwen3',)"
+  python -m doc2atom_jax.main --config=configs/qwen3_4b.py:d2l --workdir=runs/qwen3_4b/d2l
+  python -m doc2atom_jax.main --config=configs/qwen3_4b.py:d2l_atom --workdir=runs/qwen3_4b/d2l_atom
+"""
+
+from configs import gemma2_2b_it
+
+MODEL = "hf:/path/to/Qwen3-4B-Instruct-2507"
+SELF_GEN = ("/path/to/self_gen_qa_d2l/Qwen3-4B-Instruct-2507",)
+
+
+def get_config(arg: str | None = None):
+  c = gemma2_2b_it.get_config(arg)  # trunk, rank, schedule, mesh, data and the method variant
+  c.unlock()
+  c.model.name = MODEL
+  c.data.self_gen = SELF_GEN
+  c.lock()
+  return c
