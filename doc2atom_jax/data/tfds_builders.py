@@ -19,6 +19,7 @@ Prepare with `prepare_synthetic` / `prepare_local_qa` (or the classes directly, 
 `decode`. Never `tfds.load` / `as_dataset`: they need TensorFlow.
 """
 
+import contextlib
 import dataclasses
 import json
 import pathlib
@@ -258,11 +259,33 @@ def _config_arg(cls, config: tfds.core.BuilderConfig | None):
   return config.name
 
 
+@contextlib.contextmanager
+def _quiet():
+  """TFDS's absl warnings ("Using custom data configuration ...") and progress bars, off while we prepare."""
+  from absl import logging as absl_logging
+
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  tfds.display_progress_bar(False)
+  try:
+    yield
+  finally:
+    tfds.display_progress_bar(True)
+    absl_logging.set_verbosity(verbosity)
+
+
+def _announce(builder) -> None:
+  if not pathlib.Path(builder.data_dir).exists():
+    print(f"preparing {builder.name}/{builder.builder_config.name} as array_record under {builder.data_dir}")
+
+
 def prepare_synthetic(data_dir, config: SyntheticConfig | None = None) -> SyntheticFactWorlds:
   """Writes the synthetic corpus of `config` (default: the first BUILDER_CONFIG) into data_dir, once."""
-  builder = SyntheticFactWorlds(config=_config_arg(SyntheticFactWorlds, config), data_dir=str(data_dir),
-                                file_format=FILE_FORMAT)
-  builder.download_and_prepare()
+  with _quiet():
+    builder = SyntheticFactWorlds(config=_config_arg(SyntheticFactWorlds, config), data_dir=str(data_dir),
+                                  file_format=FILE_FORMAT)
+    _announce(builder)
+    builder.download_and_prepare()
   return builder
 
 
@@ -276,6 +299,8 @@ def prepare_local_qa(data_dir, manual_dir, *, files: Mapping[str, str] | None = 
     name = "files_" + "-".join(sorted(files))
   _jsonl_files(pathlib.Path(manual_dir), files)  # a clear error before TFDS's about manual_dir
   config = LocalQAConfig(name=name or "all_files", version=VERSION, files=None if files is None else dict(files))
-  builder = LocalQAJsonl(config=_config_arg(LocalQAJsonl, config), data_dir=str(data_dir), file_format=FILE_FORMAT)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
+  with _quiet():
+    builder = LocalQAJsonl(config=_config_arg(LocalQAJsonl, config), data_dir=str(data_dir), file_format=FILE_FORMAT)
+    _announce(builder)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
   return builder

@@ -70,3 +70,33 @@ def test_a_non_finite_loss_skips_the_update(setup):
   assert not bool(metrics["finite"])
   for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(new_params)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_bad_training_examples_are_refused_with_a_clear_message():
+  from doc2atom_jax.errors import UserError
+
+  model = base.tiny_random("llama")
+  doc = atomize.atomize(TEXT, "d0", model.tokenizer)
+  empty = (batch_lib.Question("q0", "When was Velkor Amsten born?", "   ", (0,)),)
+  with pytest.raises(UserError, match="tokenizes to nothing"):
+    batch_lib.build(model, [batch_lib.TrainDocument(doc, empty)], k=8)
+  long_text = " ".join([TEXT] * (model.config.max_position_embeddings // 10))
+  long_doc = atomize.atomize(long_text, "long", model.tokenizer)
+  ok = (batch_lib.Question("q0", "When was Velkor Amsten born?", "1943", (0,)),)
+  with pytest.raises(UserError, match="over the model's context"):
+    batch_lib.build(model, [batch_lib.TrainDocument(long_doc, ok)], k=8)
+
+
+def test_padding_a_batch_up_leaves_the_loss_unchanged(setup):
+  """The trainer pads every batch up to the largest shape seen (one compile per growth): masked padding only."""
+  model, params, batch, optimizer, step = setup
+  host = jax.tree.map(np.asarray, batch)
+  grows = lambda name, i, a: 0 < i and not (name.endswith(("teacher_ids", "teacher_logp")) and i == a.ndim - 1)
+  floor = {name: tuple(n + 3 * grows(name, i, a) for i, n in enumerate(a.shape)) for name, a in host.items()}
+  padded, new_floor = batch_lib.pad_up(host, floor)
+  assert {k: v.shape for k, v in padded.items()} == new_floor == floor
+  loss = lambda b: step_lib.loss_fn(params, step.keywords["graphdef"], model.weights, jax.tree.map(jnp.asarray, b),
+                                    model_cfg=model.config, loss_cfg=step_lib.LossConfig(k=2))[1]
+  a, b = loss(host), loss(padded)
+  for name in ("loss", "kd", "ce", "route", "atom", "null", "type", "l1", "orth"):
+    np.testing.assert_allclose(float(a[name]), float(b[name]), rtol=1e-4, atol=1e-6, err_msg=name)
