@@ -83,6 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.max_nonfinite = 5
   c.train.mesh = (-1, 1, 1)  # (data, fsdp, tensor); -1 = the remaining devices
   c.train.allow_config_change = False
+  c.train.eval_every = 25  # held-out KL and routing top-1 on the eval documents every this many steps; 0 = off
   c.loss = ml_collections.ConfigDict()
   c.loss.kd, c.loss.ce, c.loss.route, c.loss.atom, c.loss.null = 1.0, 0.1, 1.0, 1.0, 1.0
   c.loss.type, c.loss.l1, c.loss.orth = 0.1, 0.1, 0.01

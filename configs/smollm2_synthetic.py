@@ -6,21 +6,20 @@ Run (one method per workdir; the same data, steps and learning rate for each, DE
   python -m doc2atom_jax.main --config=configs/smollm2_synthetic.py:d2l_atom \
       --workdir=runs/smollm2_synthetic/d2l_atom
 
-Budget, 2-core CPU, one document x 8 questions a step. ESTIMATED, not measured: token counts from tokenizing
-30 generated documents per stage with SmolLM2's tokenizer (13.6 tokens per fact; student prompt 33 + answer
-5 tokens), padded as the batch pads them (64-token buckets), at DESIGN §12's ~100 tokens/s forward+backward
-and ~300 tokens/s forward. Per step: 2 student passes (routed + oracle) x 8 x 64 tokens forward+backward
-(10.2 s), the router's question pass 8 x 64 and the document pass forward, plus the teacher and evidence
-teacher (8 prompts each, forward) the first time an example is seen; the teacher cache is keyed by model,
-template and example, so the second and third methods get it from disk. d2l / d2l_atom skip the oracle pass
-(about 5 s a step less). Jit compiles (about a minute per new document/atom bucket) are not included.
+Budget, 2-core CPU, one document x 8 questions a step. Stage 1 is MEASURED (the quickstart: 4.9 s a step
+while teacher outputs are computed, 2.6 s once they come from the teacher cache; 100 steps + setup +
+evaluation = 10 min 47 s from a fresh cache). Stages 2-3 are EXTRAPOLATED: the student passes read the
+question alone, so only the document pass and the teacher (8 document prompts + 8 evidence prompts, forward,
+~600 tokens/s from the measured difference) grow with the document (mean 77 / 156 / 310 tokens per stage).
+The teacher cache is keyed by model, template and example, so the second and third methods get it from disk;
+d2l / d2l_atom skip the oracle pass. Jit compiles (~30 s per new shape; shapes only grow) are not included.
 
-  | stage | steps   | facts | doc tokens (mean) | documents | questions | s/step | time    | s/step, teacher cached |
-  |-------|---------|-------|-------------------|-----------|-----------|--------|---------|------------------------|
-  | 1     | 0-149   | 4-8   | 77                | 150       | 1,200     | ~20    | ~51 min | ~12                    |
-  | 2     | 150-299 | 8-16  | 156               | 150       | 1,200     | ~25    | ~62 min | ~12.5                  |
-  | 3     | 300-449 | 16-32 | 310               | 150       | 1,200     | ~33    | ~84 min | ~13                    |
-  | total | 450     |       |                   | 450       | 3,600     |        | ~3.3 h  | ~1.6 h (d2l: ~1 h)     |
+  | stage | steps   | facts | doc tokens (mean) | documents | s/step         | time     | s/step, teacher cached |
+  |-------|---------|-------|-------------------|-----------|----------------|----------|------------------------|
+  | 1     | 0-149   | 4-8   | 77                | 150       | 4.9 (measured) | ~12 min  | 2.6 (measured)         |
+  | 2     | 150-299 | 8-16  | 156               | 150       | ~6.2           | ~16 min  | ~2.8                   |
+  | 3     | 300-449 | 16-32 | 310               | 150       | ~8.5           | ~21 min  | ~3.1                   |
+  | total | 450     |       |                   | 450       |                | ~50 min  | ~21 min                |
 
 Held-out evaluation: 8 validation-split documents of 4-32 facts (longer than most training documents).
 """

@@ -23,10 +23,11 @@ def get_config(arg: str | None = None):
   c.train.warmup_steps = 2
   c.train.learning_rate = 3e-3
   c.train.checkpoint_every = 10
+  c.train.eval_every = 10
   c.data.facts_per_document = (3, 5)
   c.data.questions_per_document = 4
   c.data.train_documents = 200
-  c.eval.documents = 1
+  c.eval.documents = 2
   c.eval.max_new_tokens = 4
   c.lock()
   return c

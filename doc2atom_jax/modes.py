@@ -163,13 +163,21 @@ def train(config, workdir: pathlib.Path | None):
   # What must match for a checkpoint to be resumed: everything but the step budget and the mode.
   run_meta = {k: v for k, v in config.to_dict().items()
               if k not in ("mode", "params", "generate", "compile", "ask", "eval", "selfgen")}
-  run_meta["train"] = {k: v for k, v in run_meta["train"].items() if k not in ("steps", "allow_config_change")}
+  run_meta["train"] = {k: v for k, v in run_meta["train"].items()
+                       if k not in ("steps", "allow_config_change", "eval_every")}
   run_meta = json.loads(json.dumps(run_meta, default=list))
   heldout = data_lib.heldout_documents(config, config.eval.documents) if config.eval.documents else []
   untrained = _untrained_results(system, heldout, workdir, run_meta) if heldout else None
+  def periodic_eval(compiler, router):  # held-out KL and routing on the documents the final check uses
+    from doc2atom_jax.atoms import pipeline
+    from doc2atom_jax.eval import quick
+
+    current = pipeline.AtomSystem(system.model, compiler, router, system.method)
+    r = quick.evaluate(current, heldout, generate=False, controls=False, baselines=False)["doc2atom"]
+    return {"kl": r["kl"], "nll": r["nll"], "route_top1": r["route_top1"]}
+
   history = trainer.train(system, lambda step: documents_for_step(step, system.model.tokenizer), tcfg, loss_cfg,
-                          workdir,
-                          run_meta=run_meta,
+                          workdir, run_meta=run_meta, eval_fn=periodic_eval if heldout else None,
                           num_questions=config.data.documents_per_step * config.data.questions_per_document)
   finished = not history or history[-1]["step"] == tcfg.steps  # not preempted
   if finished:

@@ -42,6 +42,7 @@ class TrainConfig:
   max_nonfinite: int = 5  # consecutive skipped steps before aborting
   mesh: tuple[int, int, int] = (-1, 1, 1)  # data, fsdp, tensor
   allow_config_change: bool = False  # resume a workdir whose checkpoint came from another config
+  eval_every: int = 0  # steps between held-out evaluations (`eval_fn`); 0 = none during training
 
 
 class _Preemption:
@@ -82,7 +83,11 @@ def _restore(manager, abstract, run_meta, allow_change):
 
 def train(system, documents_for_step, tcfg: TrainConfig, loss_cfg: step_lib.LossConfig, workdir, *,
           run_meta: dict, log_every: int = 1, eval_fn=None, num_questions: int | None = None) -> list[dict]:
-  """Trains `system.compiler` and `system.router` in place; returns the logged metrics of this process."""
+  """Trains `system.compiler` and `system.router` in place; returns the logged metrics of this process.
+
+  eval_fn(compiler, router) -> {name: number}, run every `tcfg.eval_every` steps on copies of the current
+  modules (the live parameters are donated to the next step); logged to eval.jsonl and TensorBoard `eval/`.
+  """
   workdir = pathlib.Path(workdir)
   model = system.model
 
@@ -130,9 +135,10 @@ def train(system, documents_for_step, tcfg: TrainConfig, loss_cfg: step_lib.Loss
     opt_state = jax.device_put(restored["opt_state"], o_sh)
     start = int(restored["step"])
     print(f"resumed from step {start}")
-    if log_path.exists():  # steps after the checkpoint will run again: drop their old records
-      kept = [l for l in log_path.read_text().splitlines() if l and json.loads(l)["step"] <= start]
-      fileio.atomic_write_text(log_path, "".join(l + "\n" for l in kept))
+    for path in (log_path, workdir / "eval.jsonl"):  # steps after the checkpoint run again: drop their records
+      if path.exists():
+        kept = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= start]
+        fileio.atomic_write_text(path, "".join(l + "\n" for l in kept))
 
   def save(step):
     manager.save(step, args=ocp.args.Composite(
@@ -172,8 +178,15 @@ def train(system, documents_for_step, tcfg: TrainConfig, loss_cfg: step_lib.Loss
       done = step + 1
       if preemption.requested or done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
         save(done)
-      if eval_fn is not None and done == tcfg.steps:
-        eval_fn(params)
+      if eval_fn is not None and tcfg.eval_every and done % tcfg.eval_every == 0:
+        compiler, router = nnx.merge(graphdef, jax.tree.map(jnp.copy, params))
+        result = {"step": done, **{k: float(v) for k, v in eval_fn(compiler, router).items()}}
+        with open(workdir / "eval.jsonl", "a", encoding="utf-8") as f:
+          f.write(json.dumps(result) + "\n")
+        for key, value in result.items():
+          if key != "step":
+            events.add_scalar(f"eval/{key}", value, done)
+        bar.write("eval at step " + "  ".join(f"{k} {v:.3f}" if k != "step" else str(v) for k, v in result.items()))
       if preemption.requested:
         print(f"SIGTERM: saved step {done}; exiting")
         break

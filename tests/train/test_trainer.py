@@ -4,6 +4,7 @@ import json
 import os
 import signal
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -41,10 +42,10 @@ def documents_for_step(model, step, on_step=None):
   return [batch_lib.TrainDocument(doc, qs)]
 
 
-def run(workdir, on_step=None, tcfg=TCFG, meta=None):
+def run(workdir, on_step=None, tcfg=TCFG, meta=None, eval_fn=None):
   system = make_system()
   return trainer.train(system, lambda s: documents_for_step(system.model, s, on_step), tcfg, LOSS, workdir,
-                       run_meta=meta or {"config": "tiny"})
+                       run_meta=meta or {"config": "tiny"}, eval_fn=eval_fn)
 
 
 def test_sigterm_then_resume_follows_the_uninterrupted_trajectory(tmp_path):
@@ -85,3 +86,20 @@ def test_resume_onto_a_different_mesh(tmp_path):
   resumed = run(tmp_path, tcfg=TCFG.__class__(**{**TCFG.__dict__, "steps": 3, "mesh": (2, 2, 2)}),
                 meta={"config": "tiny"})
   assert [r["step"] for r in resumed] == [3] and np.isfinite(resumed[0]["loss"])
+
+
+def test_periodic_evaluation_sees_the_current_parameters_and_resumes_cleanly(tmp_path):
+  seen = []
+
+  def eval_fn(compiler, router):
+    seen.append(float(jnp.sum(compiler.head_b[0][...])) + float(jnp.sum(router.w1[...])))
+    return {"probe": seen[-1]}
+
+  tcfg = TCFG.__class__(**{**TCFG.__dict__, "steps": 4, "eval_every": 2})
+  run(tmp_path, tcfg=tcfg, eval_fn=eval_fn)
+  records = [json.loads(l) for l in (tmp_path / "eval.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == [2, 4] and [r["probe"] for r in records] == seen
+  assert seen[0] != seen[1]  # parameters moved between the two evaluations
+  # Resuming from step 4 into a longer run appends, never duplicates.
+  run(tmp_path, tcfg=TCFG.__class__(**{**tcfg.__dict__, "steps": 6}), eval_fn=eval_fn)
+  assert [json.loads(l)["step"] for l in (tmp_path / "eval.jsonl").read_text().splitlines()] == [2, 4, 6]
