@@ -43,4 +43,4 @@ def test_quickstart_main_job_end_to_end_on_the_bundled_model(tmp_path):
                           f"--config.ask.question={question}", "--config.ask.max_new_tokens=6"],
                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
   assert asked.returncode == 0, asked.stderr[-3000:]
-  assert asked.stdout.startswith(f"Q: {question}\nA: ") and "loaded trained compiler" in asked.stdout
+  assert f"Q: {question}\nA: " in asked.stdout and "loaded trained compiler" in asked.stdout
