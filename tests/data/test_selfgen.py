@@ -15,6 +15,7 @@ from doc2atom_jax.data import qa, selfgen
 from doc2atom_jax.data.qa import QAExample
 from doc2atom_jax.errors import UserError
 from doc2atom_jax.models import base
+from tests.test_main import assert_user_error
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -233,15 +234,6 @@ def cli(*overrides, workdir=None):
     cmd.append(f"--workdir={workdir}")
   return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, XLA_FLAGS=""),
                         timeout=600, check=False)
-
-
-def assert_user_error(result, *needles):
-  assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
-  assert "Traceback" not in result.stderr, result.stderr
-  lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
-  assert len(lines) == 1, result.stderr
-  for needle in needles:
-    assert needle in lines[0], lines[0]
 
 
 def _write_jsonl(path, examples):
