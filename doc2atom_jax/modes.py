@@ -149,7 +149,10 @@ MODES = {"generate": generate, "compile": compile_documents, "ask": ask}
 
 
 def train(config, workdir: pathlib.Path | None):
-  """Trains the compiler and router on synthetic fact worlds; checkpoints under <workdir>/checkpoints."""
+  """The main job: train the compiler and router (checkpoints under <workdir>/checkpoints), export them,
+  evaluate on held-out documents with the learning check."""
+  from doc2atom_jax.atoms import pipeline
+  from doc2atom_jax.eval import quick
   from doc2atom_jax.train import data as data_lib
   from doc2atom_jax.train import step as step_lib
   from doc2atom_jax.train import trainer
@@ -168,10 +171,8 @@ def train(config, workdir: pathlib.Path | None):
   run_meta = json.loads(json.dumps(run_meta, default=list))
   heldout = data_lib.heldout_documents(config, config.eval.documents) if config.eval.documents else []
   untrained = _untrained_results(system, heldout, workdir, run_meta) if heldout else None
-  def periodic_eval(compiler, router):  # held-out KL and routing on the documents the final check uses
-    from doc2atom_jax.atoms import pipeline
-    from doc2atom_jax.eval import quick
 
+  def periodic_eval(compiler, router):  # held-out KL and routing on the documents the final check uses
     current = pipeline.AtomSystem(system.model, compiler, router, system.method)
     r = quick.evaluate(current, heldout, generate=False, controls=False, baselines=False)["doc2atom"]
     return {"kl": r["kl"], "nll": r["nll"], "route_top1": r["route_top1"]}
@@ -187,8 +188,6 @@ def train(config, workdir: pathlib.Path | None):
                                     {"run": run_meta, "step": tcfg.steps, "model": system.model.name})
     print(f"exported the trained compiler and router to {path} (use --config.params={path})")
   if finished and heldout:
-    from doc2atom_jax.eval import quick
-
     results = quick.evaluate(system, heldout, max_new_tokens=config.eval.max_new_tokens)
     check = quick.learning_check(results, untrained, config.eval.margin)
     fileio.atomic_write_text(workdir / "results.json", json.dumps(
@@ -217,6 +216,8 @@ def _untrained_results(system, documents, workdir: pathlib.Path, run_meta: dict)
     if saved.get("run") == run_meta and saved.get("documents") == len(documents):
       return saved["results"]
   results = quick.evaluate(system, documents, generate=False, controls=False, baselines=False)
+  print(f"untrained compiler: held-out KL to the teacher {results['doc2atom']['kl']:.3f} "
+        f"({len(documents)} validation documents)")
   workdir.mkdir(parents=True, exist_ok=True)
   fileio.atomic_write_text(path, json.dumps({"run": run_meta, "documents": len(documents), "results": results}))
   return results
