@@ -176,8 +176,12 @@ def train(system, documents_for_step, tcfg: TrainConfig, loss_cfg: step_lib.Loss
             events.add_scalar(f"train/{key}", value, step + 1)
       bar.set_postfix(loss=f"{metrics['loss']:.3f}", kd=f"{metrics['kd']:.3f}", top1=f"{metrics['route_top1']:.2f}")
       done = step + 1
-      if preemption.requested or done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
+      stopping = preemption.requested  # read once: a signal arriving later is honoured after the next step
+      if stopping or done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
         save(done)
+      if stopping:
+        print(f"SIGTERM: saved step {done}; exiting")
+        break
       if eval_fn is not None and tcfg.eval_every and done % tcfg.eval_every == 0:
         compiler, router = nnx.merge(graphdef, jax.tree.map(jnp.copy, params))
         result = {"step": done, **{k: float(v) for k, v in eval_fn(compiler, router).items()}}
@@ -187,9 +191,6 @@ def train(system, documents_for_step, tcfg: TrainConfig, loss_cfg: step_lib.Loss
           if key != "step":
             events.add_scalar(f"eval/{key}", value, done)
         bar.write("eval at step " + "  ".join(f"{k} {v:.3f}" if k != "step" else str(v) for k, v in result.items()))
-      if preemption.requested:
-        print(f"SIGTERM: saved step {done}; exiting")
-        break
   finally:
     events.close()
     manager.wait_until_finished()
