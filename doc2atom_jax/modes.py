@@ -213,13 +213,14 @@ def _untrained_results(system, documents, workdir: pathlib.Path, run_meta: dict)
   path = workdir / "untrained.json"
   if path.exists():
     saved = json.loads(path.read_text(encoding="utf-8"))
-    if saved.get("run") == run_meta and saved.get("documents") == len(documents):
+    if saved.get("run") == run_meta and saved.get("documents") == len(documents) and saved.get("version") == 2:
       return saved["results"]
   results = quick.evaluate(system, documents, generate=False, controls=False, baselines=False)
   print(f"untrained compiler: held-out KL to the teacher {results['doc2atom']['kl']:.3f} "
         f"({len(documents)} validation documents)")
   workdir.mkdir(parents=True, exist_ok=True)
-  fileio.atomic_write_text(path, json.dumps({"run": run_meta, "documents": len(documents), "results": results}))
+  fileio.atomic_write_text(path, json.dumps({"run": run_meta, "documents": len(documents), "version": 2,
+                                            "results": results}))
   return results
 
 

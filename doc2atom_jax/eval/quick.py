@@ -68,6 +68,10 @@ def evaluate(system, documents, *, max_new_tokens: int = 12, generate: bool = Tr
              baselines: bool = True) -> dict:
   """Per method: mean nll, kl (to the in-context teacher), f1, em, refusal rates; plus routing top-1.
 
+  nll and kl are over answerable questions (as the training's kd term): on out-of-scope ones the right
+  behaviour is to refuse, which `refusal` measures, while a small teacher reading the document often
+  makes an answer up, and KL to it would count a correct abstention against the method.
+
   With `controls` (and two documents or more), also `default_only` and `wrong_document` (nll, kl); without
   `baselines`, doc2atom (and its controls) only.
   """
@@ -88,14 +92,16 @@ def evaluate(system, documents, *, max_new_tokens: int = 12, generate: bool = Tr
       adapters["wrong_document"] = system.adapter(other, *system.select(other, questions)[:2])
     b = {k_: jnp.asarray(v) for k_, v in b.items()}
     ans = b["answer_mask"]
+    answerable = np.asarray([not q.out_of_scope for q in td.questions])
     for method, adapter in adapters.items():
       logits = _answer_logits(model.weights, model.config, b, adapter)
-      per[method]["nll"] += np.asarray(losses.answer_ce(logits, jnp.asarray(b["targets"]), ans)).tolist()
-      per[method]["kl"] += np.asarray(losses.topk_kl(logits, jnp.asarray(b["teacher_ids"]),
-                                                     jnp.asarray(b["teacher_logp"]), ans)).tolist()
+      nll = np.asarray(losses.answer_ce(logits, b["targets"], ans))
+      kl = np.asarray(losses.topk_kl(logits, b["teacher_ids"], b["teacher_logp"], ans))
+      per[method]["nll"] += nll[answerable].tolist()
+      per[method]["kl"] += kl[answerable].tolist()
     if baselines:
-      per["in_context"]["nll"] += _teacher_nll(model, td.questions, doc.text)
-      per["in_context"]["kl"] += [0.0] * len(questions)
+      per["in_context"]["nll"] += np.asarray(_teacher_nll(model, td.questions, doc.text))[answerable].tolist()
+      per["in_context"]["kl"] += [0.0] * int(answerable.sum())
     for q, idx, abst in zip(td.questions, indices, abstain):
       if q.evidence:
         per["doc2atom"]["route_top1"].append(float(not abst and int(idx[0]) in q.evidence))
