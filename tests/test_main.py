@@ -193,3 +193,10 @@ def test_train_mode_survives_a_real_sigterm_and_resumes(tmp_path):
                                               "--config.ask.question=Who?"], cwd=ROOT, capture_output=True,
                              text=True, env=env)
   assert_user_error(untrained, "another model/compiler")
+
+
+def test_unknown_config_variant_is_one_error_line():
+  cmd = [sys.executable, "-m", "doc2atom_jax.main", "--config=configs/quickstart.py:lora"]
+  result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, XLA_FLAGS=""),
+                          timeout=300)
+  assert_user_error(result, "unknown config variant 'lora'", "d2l_atom")
