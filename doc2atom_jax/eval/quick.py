@@ -24,6 +24,7 @@ from doc2atom_jax.train import batch as batch_lib
 from doc2atom_jax.train import data as data_lib
 from doc2atom_jax.train import losses
 from doc2atom_jax.train import step as step_lib
+from doc2atom_jax.train import teacher as teacher_lib
 
 METHODS = ("no_context", "in_context", "doc2atom")
 CONTROLS = ("default_only", "wrong_document")
@@ -46,20 +47,11 @@ def in_memory_bank(documents: list[bank_lib.BankDocument], code_dtype: str = "bf
 _answer_logits = jax.jit(step_lib.answer_logits, static_argnums=1)
 
 
-def _teacher_nll(model, question_rows, doc_text, bucket: int = 64):
+def _teacher_nll(model, question_rows, doc_text):
   """Gold-answer NLL with the document in the prompt, per question (one padded batch, one forward)."""
   prompts_ = [model.encode(model.chat_prompt(prompts.in_context_prompt(doc_text, q.question))) for q in question_rows]
   answers = [batch_lib.answer_tokens(model, q.answer) for q in question_rows]
-  length = -(-max(len(p) + len(a) for p, a in zip(prompts_, answers)) // bucket) * bucket
-  width = -(-max(map(len, answers)) // 8) * 8
-  b = {"s_tokens": np.zeros((len(answers), length), np.int32), "s_mask": np.zeros((len(answers), length), bool),
-       "answer_pos": np.zeros((len(answers), width), np.int32), "answer_mask": np.zeros((len(answers), width), bool),
-       "targets": np.zeros((len(answers), width), np.int32)}
-  for i, (p, a) in enumerate(zip(prompts_, answers)):
-    b["s_tokens"][i, :len(p) + len(a)], b["s_mask"][i, :len(p) + len(a)] = p + a, True
-    b["answer_pos"][i, :len(a)] = np.arange(len(p) - 1, len(p) + len(a) - 1)
-    b["answer_mask"][i, :len(a)], b["targets"][i, :len(a)] = True, a
-  b = {k: jnp.asarray(v) for k, v in b.items()}
+  b = {k: jnp.asarray(v) for k, v in teacher_lib.pack_answers(prompts_, answers).items()}
   logits = _answer_logits(model.weights, model.config, b, None)
   return np.asarray(losses.answer_ce(logits, b["targets"], b["answer_mask"])).tolist()
 

@@ -28,20 +28,32 @@ def _topk_logprobs(weights, cfg, tokens, mask, positions, *, k):
   return jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), k)
 
 
+def pack_answers(prompts: list[list[int]], answers: list[list[int]], bucket: int = 64,
+                 answer_bucket: int = 8) -> dict:
+  """Prompt + answer rows, right-padded to buckets, with the positions whose logits predict each answer token.
+
+  Returns numpy arrays in the batch layout of `step.BATCH_FIELDS`: s_tokens, s_mask [B, T]; answer_pos,
+  answer_mask, targets [B, A].
+  """
+  B = len(prompts)
+  length = -(-max(len(p) + len(a) for p, a in zip(prompts, answers)) // bucket) * bucket
+  width = -(-max(map(len, answers)) // answer_bucket) * answer_bucket
+  out = {"s_tokens": np.zeros((B, length), np.int32), "s_mask": np.zeros((B, length), bool),
+         "answer_pos": np.zeros((B, width), np.int32), "answer_mask": np.zeros((B, width), bool),
+         "targets": np.zeros((B, width), np.int32)}
+  for i, (p, a) in enumerate(zip(prompts, answers)):
+    out["s_tokens"][i, :len(p) + len(a)], out["s_mask"][i, :len(p) + len(a)] = p + a, True
+    out["answer_pos"][i, :len(a)] = np.arange(len(p) - 1, len(p) + len(a) - 1)
+    out["answer_mask"][i, :len(a)], out["targets"][i, :len(a)] = True, a
+  return out
+
+
 def topk_on_answers(model, prompts: list[list[int]], answers: list[list[int]], k: int = TOP_K, bucket: int = 64,
                     answer_bucket: int = 8):
   """Teacher top-K (ids [A, K], log-probs [A, K]) at the positions that predict each answer token."""
-  seqs = [p + a for p, a in zip(prompts, answers)]
-  length = -(-max(map(len, seqs)) // bucket) * bucket
-  width = -(-max(map(len, answers)) // answer_bucket) * answer_bucket
-  tokens = np.zeros((len(seqs), length), np.int32)
-  mask = np.zeros((len(seqs), length), bool)
-  positions = np.zeros((len(seqs), width), np.int32)
-  for i, (p, a) in enumerate(zip(prompts, answers)):
-    tokens[i, :len(p) + len(a)], mask[i, :len(p) + len(a)] = p + a, True
-    positions[i, :len(a)] = np.arange(len(p) - 1, len(p) + len(a) - 1)
-  logp, ids = _topk_logprobs(model.weights, model.config, jnp.asarray(tokens), jnp.asarray(mask),
-                             jnp.asarray(positions), k=k)
+  packed = pack_answers(prompts, answers, bucket, answer_bucket)
+  logp, ids = _topk_logprobs(model.weights, model.config, jnp.asarray(packed["s_tokens"]),
+                             jnp.asarray(packed["s_mask"]), jnp.asarray(packed["answer_pos"]), k=k)
   logp, ids = np.asarray(logp), np.asarray(ids)
   return [(ids[i, :len(a)].astype(np.int32), logp[i, :len(a)].astype(np.float32)) for i, a in enumerate(answers)]
 
