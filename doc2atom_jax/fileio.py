@@ -27,6 +27,19 @@ def read_text(path) -> str:
                     "convert it to UTF-8 first") from None
 
 
+def _umask() -> int:
+  """The process umask, read without setting it where possible (os.umask is process-wide, not thread-safe)."""
+  try:
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+      if line.startswith("Umask:"):
+        return int(line.split()[1], 8)
+  except OSError:
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
 @contextlib.contextmanager
 def atomic_open(path, mode: str = "w", **kwargs):
   """Writes to a temporary file beside `path`, fsyncs it and renames it into place on success."""
@@ -34,6 +47,7 @@ def atomic_open(path, mode: str = "w", **kwargs):
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
   try:
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the mode open() would give it
     with os.fdopen(fd, mode, **kwargs) as f:
       yield f
       f.flush()

@@ -116,3 +116,27 @@ def rouge_l(prediction: str, references: Sequence[str]) -> float:
   For free-form references (Qasper) where word order matters but exact wording does not.
   """
   return _best(prediction, references, _rouge_l)
+
+
+# Routing against gold evidence atoms (DESIGN §8). None when the question has no evidence label, so an
+# unlabelled question is left out of the mean instead of counting as a miss.
+
+
+def _routed_hits(routed: Sequence[int], evidence: Sequence[int], k: int) -> int:
+  if k < 1:
+    raise ValueError(f"k must be >= 1, got {k}")
+  return len(set(routed[:k]) & set(evidence))
+
+
+def precision_at_k(routed: Sequence[int] | None, evidence: Sequence[int] | None, k: int) -> float | None:
+  """Share of the top-k slots that hold gold evidence atoms (divided by k, so routing fewer atoms costs)."""
+  if not evidence or routed is None:
+    return None
+  return _routed_hits(routed, evidence, k) / k
+
+
+def recall_at_k(routed: Sequence[int] | None, evidence: Sequence[int] | None, k: int) -> float | None:
+  """Share of the gold evidence atoms among the top-k routed ones (two-hop questions need both)."""
+  if not evidence or routed is None:
+    return None
+  return _routed_hits(routed, evidence, k) / len(set(evidence))

@@ -121,3 +121,16 @@ def test_refusal_on_an_answerable_question_scores_zero():
 def test_a_bare_string_is_not_a_reference_list(metric):
   with pytest.raises(TypeError):
     metric("cat", "cat")
+
+
+def test_routing_precision_and_recall_at_k():
+  from doc2atom_jax.eval.metrics import precision_at_k, recall_at_k  # pylint: disable=import-outside-toplevel
+  routed = [5, 2, 7, 2]
+  assert (precision_at_k(routed, [2], 1), recall_at_k(routed, [2], 1)) == (0.0, 0.0)
+  assert (precision_at_k(routed, [2], 2), recall_at_k(routed, [2], 2)) == (0.5, 1.0)
+  assert (precision_at_k(routed, [2, 9], 4), recall_at_k(routed, [2, 9], 4)) == (0.25, 0.5)  # 2 counts once
+  assert precision_at_k([], [1], 3) == 0.0  # routing nothing (an abstention) is a miss, not missing
+  assert precision_at_k(routed, None, 1) is None and recall_at_k(routed, [], 1) is None  # unlabelled
+  assert recall_at_k(None, [1], 1) is None  # no router
+  with pytest.raises(ValueError):
+    precision_at_k(routed, [1], 0)
