@@ -3,7 +3,7 @@
 Per layer l, `n_t * r` learned latent queries (one per target and rank row, plus layer, type and target
 embeddings) cross-attend to the atom's span states at the *input* of layer l; residual MLP blocks and a
 parameter-free RMS normalization give **codes** `[L, n_t, r, c]`. A per-layer linear head maps a code row to
-one row of `A [d_in]` and one of `B [d_out]`, times learned per-layer, per-target scalers (B's start at 0, so a
+one row of `A [d_in]` and one of `B [d_out]`, times learned per-layer, per-target scalers (B's map starts at 0, so a
 fresh compiler changes nothing, as a fresh LoRA). The head is linear and the code is its exact input, so
 an atom is *stored* as its codes and materialized at composition time (`compose.py`): L·n_t·r·c numbers
 instead of L·n_t·r·(d_in + d_out).
@@ -14,8 +14,10 @@ Choices the design leaves open, and why:
   question features), then RMS-normalized (no gain) before the input projection: raw states share massive
   features and a common direction, and their scale grows ~10-100x from the first to the last layer; one
   shared projection must read what distinguishes one atom from another at every layer.
-- The code is the normalized sum of what the blocks wrote (not the latent queries plus it): the queries
-  are the same for every atom and otherwise dominate the code (codes of different atoms at cosine 0.99).
+- The code is the normalized sum of what the attention blocks read from the span; the queries (latents,
+  layer, type and target embeddings) only choose where to read. Queries, and MLPs of them, are the same
+  for every atom: wherever they reached the code they dominated it, and trained atoms all wrote one
+  direction (B rows of different atoms at cosine 0.997) — the atoms became one shared adapter.
 - The key reads the masked mean of the span at one middle layer (`key_layer`), the same layer the router
   reads for the question, so question and atom features come from one representation; a small MLP, a
   type embedding and L2 normalization follow. Type logits share the MLP's hidden layer.
@@ -123,13 +125,17 @@ class AtomCompiler(nnx.Module):
     self.out_norm = _param(None, (w,), ("width",), value=zeros(w))
     self.code_proj = _param(key(), (w, c), ("width", "code"))
     # Head: per layer and target, a linear map code -> one row of A and one of B, plus per-rank scalers.
-    # Rows of A start with entries ~ N(0, 1/d_in) (LoRA's scale) given unit-RMS codes.
-    self.head_a = nnx.data([_param(key(), (L, c, di), ("layers", "code", "adapter_in"), std=(c * di) ** -0.5)
+    # The maps are stored at the trunk's scale (entries ~ 1/sqrt(c)) and multiplied by a fixed 1/sqrt(d) in
+    # `head()`: Adam moves every entry by ~lr, so maps stored at their output scale (~1/sqrt(c·d)) would
+    # change by ~60% a step. A's rows start ~ N(0, 1/d_in) given unit-RMS codes (LoRA's scale); B's map starts
+    # at 0 with its scaler at 1, as a LoRA's B: a fresh compiler changes nothing, yet the first gradient
+    # already reaches B's map (a 0 scaler in front of a random map would leave it in a saddle).
+    self.head_a = nnx.data([_param(key(), (L, c, di), ("layers", "code", "adapter_in"))
                             for di, _ in cfg.target_dims])
-    self.head_b = nnx.data([_param(key(), (L, c, do), ("layers", "code", "adapter_out"), std=(c * do) ** -0.5)
+    self.head_b = nnx.data([_param(None, (L, c, do), ("layers", "code", "adapter_out"), value=zeros(L, c, do))
                             for _, do in cfg.target_dims])
     self.scale_a = _param(None, (L, nt, 1), ("layers", "targets", None), value=jnp.ones((L, nt, 1)))
-    self.scale_b = _param(None, (L, nt, 1), ("layers", "targets", None), value=zeros(L, nt, 1))
+    self.scale_b = _param(None, (L, nt, 1), ("layers", "targets", None), value=jnp.ones((L, nt, 1)))
     # The base model's state statistics (identity until `set_statistics`; frozen: read under stop_gradient).
     self.state_mean = _param(None, (L, d), ("layers", "embed"), value=zeros(L, d))
     self.state_scale = _param(None, (L, d), ("layers", "embed"), value=jnp.ones((L, d)))
@@ -159,7 +165,10 @@ class AtomCompiler(nnx.Module):
 
   # -- trunk --------------------------------------------------------------------------------------------
   def _block(self, b: int, h, ctx, ctx_mask):
-    """Latents h [..., Q, w] cross-attend to context ctx [..., S, w]; then a residual MLP."""
+    """Latents h [..., Q, w] cross-attend to context ctx [..., S, w]; then a residual MLP.
+
+    Returns the updated latents and what the attention read from the context (`read`, [..., Q, w]).
+    """
     p = {k: v[b] for k, v in self.blocks.items()}
     heads, w = self.cfg.num_heads, self.cfg.width
     split = lambda x: x.reshape(*x.shape[:-1], heads, w // heads)
@@ -169,25 +178,27 @@ class AtomCompiler(nnx.Module):
     scores = jnp.einsum("...qhd,...shd->...hqs", q, k) / math.sqrt(w // heads)
     scores = jnp.where(ctx_mask[..., None, None, :], scores, -1e30)
     att = jnp.einsum("...hqs,...shd->...qhd", jax.nn.softmax(scores, axis=-1), v)
-    h = h + att.reshape(*att.shape[:-2], w) @ p["wo"]
-    return h + jax.nn.gelu(_layer_norm(h, p["mlp_norm"]) @ p["w1"]) @ p["w2"]
+    read = att.reshape(*att.shape[:-2], w) @ p["wo"]
+    h = h + read
+    return h + jax.nn.gelu(_layer_norm(h, p["mlp_norm"]) @ p["w1"]) @ p["w2"], read
 
   def codes(self, span_states, span_mask, types):
     """span_states [L, N, S, d] (inputs of each layer), span_mask [N, S], types [N] -> codes [N, L, n_t, r, c]."""
     cfg = self.cfg
     L, N = span_states.shape[:2]
-    ctx = _rms(self.standardize(span_states)) @ self.in_proj[...]  # [L, N, S, w]
-    ctx = ctx + self.layer_emb[...][:, None, None, :]
+    ctx = _rms(self.standardize(span_states)) @ self.in_proj[...]  # [L, N, S, w]: span content only
     queries = (self.latents[...][None, None] + self.target_emb[...][None, None, :, None]
                + self.layer_emb[...][:, None, None, None] + self.type_emb[...][types][None, :, None, None])
     h = queries.reshape(L, N, cfg.num_targets * cfg.rank, cfg.width)  # [L, N, Q, w]
     mask = jnp.broadcast_to(span_mask[None], (L, *span_mask.shape))
-    h0 = h
+    readout = 0.0
     for b in range(cfg.num_blocks):
-      h = self._block(b, h, ctx, mask)
-    # The code reads what the blocks wrote, not the (document-independent) queries themselves, which would
-    # otherwise dominate every code and make all atoms alike.
-    codes = _rms(_layer_norm(h - h0, self.out_norm[...]) @ self.code_proj[...])
+      h, read = self._block(b, h, ctx, mask)
+      readout = readout + read
+    # The code is what the attention read from the span (the queries only choose where to read): the
+    # queries and anything computed from them alone are the same for every atom, and in the code they
+    # dominated, so trained atoms all wrote one direction (B rows of different atoms at cosine 0.997).
+    codes = _rms(_layer_norm(readout, self.out_norm[...]) @ self.code_proj[...])
     codes = codes.reshape(L, N, cfg.num_targets, cfg.rank, cfg.code_dim)
     return jnp.moveaxis(codes, 1, 0)
 
@@ -215,7 +226,9 @@ class AtomCompiler(nnx.Module):
 
   def head(self) -> dict:
     """The linear head as a pytree for `compose`: per-target A/B maps and scalers."""
-    return {"a": [h[...] for h in self.head_a], "b": [h[...] for h in self.head_b],
+    dims = self.cfg.target_dims
+    return {"a": [h[...] * di ** -0.5 for h, (di, _) in zip(self.head_a, dims)],
+            "b": [h[...] * do ** -0.5 for h, (_, do) in zip(self.head_b, dims)],
             "scale_a": self.scale_a[...], "scale_b": self.scale_b[...]}
 
 

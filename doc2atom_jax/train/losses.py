@@ -74,7 +74,9 @@ def l1_factors(factors, atom_mask):
 def orthogonality(a, atom_mask):
   """Overlap between the atoms of one document: mean over pairs i != j (and layers) of the squared cosine
   between their A row spaces, ‖Â_i Â_jᵀ‖² with unit-norm rows. a [D, N, L, r, d_in]; atom_mask [D, N]."""
-  unit = a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), 1e-6)
+  # sqrt(|a|² + eps), not max(|a|, eps): the norm's gradient is 0/0 at a zero row (a padding atom), and
+  # max() still multiplies that NaN by zero.
+  unit = a / jnp.sqrt(jnp.sum(a * a, axis=-1, keepdims=True) + 1e-12)
   overlap = jnp.einsum("dnlrx,dmlsx->dnmlrs", unit, unit) ** 2
   per_pair = jnp.mean(overlap, axis=(3, 4, 5))  # [D, N, N]
   n = a.shape[1]

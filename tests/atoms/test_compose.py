@@ -178,10 +178,11 @@ def test_gradients_reach_compiler_router_and_null_never_the_base(setup):
   for name in ("in_proj", "code_proj", "head_a", "head_b", "scale_b", "null_codes", "null_key", "key_w2",
                "default_codes", "w1", "log_inv_temperature"):
     assert any(name in k and v for k, v in state_grads.items()), name
-  # At init (B scalers 0): KD reaches B's scaler; the routing loss alone reaches the router and the keys.
+  # At init (B's map 0, as a LoRA's B): KD reaches B's map at once — not A's map or B's scaler, which only
+  # act through B — and the routing loss alone reaches the router and the keys.
   init_grads = nonzero(grads_of(0, comp))
-  assert any("scale_b" in k and v for k, v in init_grads.items())
-  assert not any("head_a" in k and v for k, v in init_grads.items())
+  assert any("head_b" in k and v for k, v in init_grads.items())
+  assert not any(("head_a" in k or "scale_b" in k) and v for k, v in init_grads.items())
   route_grads = nonzero(grads_of(1, comp))
   for name in ("key_w1", "key_w2", "null_key", "w1", "w2"):
     assert any(name in k and v for k, v in route_grads.items()), name
