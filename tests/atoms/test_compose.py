@@ -52,6 +52,22 @@ def test_compiler_shapes_and_a_fresh_compiler_is_a_no_op(setup):
                                 decoder.forward(model.weights, model.config, tokens).logits)
 
 
+def test_codes_are_what_the_attention_read_from_the_span(setup):
+  # The queries (latents, layer, type, target embeddings) only choose where to read: an atom whose span is
+  # one token gets the same code whatever its type (attention has one place to read), while atoms with
+  # different spans get different codes. Were the queries part of the code, every atom would share them.
+  model, cfg, comp, doc, _, spans, mask, types = setup
+  comp = perturbed(comp)
+  one_token = jnp.zeros_like(mask).at[:, 0].set(True)
+  by_type = [comp.codes(spans, one_token, jnp.full_like(types, t)) for t in range(3)]
+  np.testing.assert_allclose(by_type[0], by_type[1], atol=1e-5)
+  np.testing.assert_allclose(by_type[0], by_type[2], atol=1e-5)
+  codes = np.asarray(comp.codes(spans, mask, types)).reshape(len(doc.atoms), -1)
+  unit = codes / np.linalg.norm(codes, axis=-1, keepdims=True)
+  cosine = unit @ unit.T
+  assert cosine[~np.eye(len(codes), dtype=bool)].max() < 0.95
+
+
 def test_composition_equals_explicitly_merged_weights(setup):
   model, cfg, comp, doc, _, spans, mask, types = setup
   comp = perturbed(comp)
