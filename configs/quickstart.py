@@ -26,7 +26,7 @@ DOCUMENT = (
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.mode = "train"  # train (the main job) | generate | compile | ask | selfgen
+  c.mode = "train"  # train (the main job) | eval | generate | compile | ask | selfgen
   c.seed = 0
   c.params = ""  # a trained compiler + router (<workdir>/export of mode=train) for compile and ask
 
@@ -106,8 +106,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # After training: a quick evaluation on held-out (validation-split) synthetic documents.
   c.eval = ml_collections.ConfigDict()
   c.eval.documents = 4  # 0 skips it
-  c.eval.max_new_tokens = 12
+  c.eval.max_new_tokens = 12  # answer budget (greedy), here and in mode=eval
   c.eval.margin = 0.05  # the learning check: doc2atom's KL must beat each control by this many nats/token
+  # mode=eval (doc2atom_jax/eval/runner.py): methods side by side -> <workdir>/eval/{report.md, results.json, *.png}.
+  # The defaults are a quick look (8-9 minutes on 2 CPU cores); raise the caps for a real measurement.
+  c.eval.methods = ()  # () = every method that can run: no_context, in_context, in_context_trunc, rag_atoms,
+  #                      doc2atom, doc2atom_oracle, and d2l / d2l_atom where `exports` gives theirs
+  c.eval.exports = ()  # separately trained baselines: ("d2l=runs/d2l/export", "d2l_atom=runs/d2l_atom/export")
+  c.eval.datasets = ()  # () = synthetic_unseen, synthetic_seen and every bundled QA sample; or qa.load_source names
+  c.eval.max_questions = 3  # per QA dataset (whole documents in file order, the last one cut); 0 = all
+  c.eval.synthetic_documents = 2  # unseen worlds per facts size; seen worlds: this many x len(facts_per_document)
+  c.eval.facts_per_document = (4, 8, 16)  # unseen worlds' sizes: the interference curve's points
+  c.eval.max_doc_tokens = 1024  # longer documents are skipped and counted in the report, never cut
+  c.eval.trunc_tokens = 256  # in_context_trunc keeps the document's first this many tokens
+  c.eval.batch_size = 8  # questions per forward / generate call (padded to a power of two)
+  c.eval.scan_layers = True  # run the base model's layers as a scan here: ~6x faster compiles, same numbers
+  c.eval.latency_lengths = (128, 512, 1024)  # document tokens at which latency is measured
+  c.eval.cost_repeats = 2  # timed repetitions (after a warm-up) per latency measurement; the median is kept
+  c.eval.cost_new_tokens = 16  # generated tokens per timed answer (stop tokens ignored)
+  c.eval.output = ""  # default <workdir>/eval
 
   # mode=compile: a JSONL of documents ({"doc_id"|"id", "text"|"context"} per line) -> an atom bank.
   c.compile = ml_collections.ConfigDict()

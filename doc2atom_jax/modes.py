@@ -43,7 +43,35 @@ def generate(config, workdir: pathlib.Path | None) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------
 # The atom system: compile documents into a bank, ask a bank a question.
 # ---------------------------------------------------------------------------------------------------------
-def build_system(config):
+def export_meta(path) -> dict:
+  """The metadata (export.json) of a parameter export; {} where it has none (loading it then explains)."""
+  from doc2atom_jax import checkpoint
+
+  meta_file = pathlib.Path(path) / checkpoint.META_FILE
+  if not meta_file.is_file():
+    return {}
+  try:
+    return json.loads(fileio.read_text(meta_file))
+  except json.JSONDecodeError as e:
+    raise UserError(f"{meta_file} is not valid JSON ({e.msg}): a damaged export?") from None
+
+
+def check_export(path, model_name: str, method: str) -> None:
+  """A parameter export must come from this base model and this method: another model's export can have the
+  same shapes (and would load), and would then compile garbage without a word."""
+  meta = export_meta(path)
+  trained_on = meta.get("model") or ((meta.get("run") or {}).get("model") or {}).get("name")
+  if trained_on and trained_on != model_name:
+    raise UserError(f"the export at {path} was trained on base model {trained_on!r}, not {model_name!r}: set "
+                    f"--config.model.name={trained_on} or use an export of {model_name}")
+  trained_for = ((meta.get("run") or {}).get("atoms") or {}).get("method")
+  if trained_for and trained_for != method:
+    raise UserError(f"the export at {path} was trained for method {trained_for!r}, not {method!r} "
+                    f"(--config=<file>.py:{trained_for} selects it)")
+
+
+def build_system(config, model=None):
+  """The atom system of a config (on `model` when given, else the config's), with `config.params` loaded."""
   from doc2atom_jax.atoms import compiler as compiler_lib
   from doc2atom_jax.atoms import pipeline
 
@@ -51,7 +79,7 @@ def build_system(config):
       method=config.atoms.method, min_atom_tokens=config.atoms.min_atom_tokens,
       max_atom_tokens=config.atoms.max_atom_tokens, chunk_tokens=config.atoms.chunk_tokens, k=config.atoms.k,
       normalization=config.atoms.normalization, max_chunk_tokens=config.atoms.max_chunk_tokens)
-  model = load_model(config)
+  model = model or load_model(config)
   c = config.compiler
   try:
     compiler_cfg = compiler_lib.config_for(
@@ -64,6 +92,7 @@ def build_system(config):
   if config.params:
     from doc2atom_jax import checkpoint
 
+    check_export(config.params, model.name, config.atoms.method)
     meta = checkpoint.load_params((system.compiler, system.router), config.params)
     print(f"loaded trained compiler and router from {config.params} (step {meta.get('step')})")
   return system
@@ -222,6 +251,16 @@ def _untrained_results(system, documents, workdir: pathlib.Path, run_meta: dict)
   fileio.atomic_write_text(path, json.dumps({"run": run_meta, "documents": len(documents), "version": 2,
                                             "results": results}))
   return results
+
+
+def evaluate(config, workdir: pathlib.Path | None) -> pathlib.Path:
+  """Every configured method on the same questions -> the report folder, <workdir>/eval (DESIGN §8)."""
+  from doc2atom_jax.eval import runner
+
+  return runner.run(config, workdir)
+
+
+MODES["eval"] = evaluate
 
 
 def selfgen(config, workdir: pathlib.Path | None):

@@ -19,6 +19,7 @@ import numpy as np
 
 from doc2atom_jax.atoms import atomize, bank as bank_lib
 from doc2atom_jax.data import prompts
+from doc2atom_jax.errors import UserError
 from doc2atom_jax.eval import metrics as metrics_lib
 from doc2atom_jax.train import batch as batch_lib
 from doc2atom_jax.train import data as data_lib
@@ -32,9 +33,10 @@ CONTROLS = ("default_only", "wrong_document")
 
 def in_memory_bank(documents: list[bank_lib.BankDocument], code_dtype: str = "bfloat16") -> bank_lib.AtomBank:
   """The bank these documents would load as from disk (codes rounded to the storage dtype)."""
+  if not any(len(d.atoms) for d in documents):
+    raise UserError("empty bank: no document with atoms to route over or compose")
   codes = np.concatenate([d.codes for d in documents])
-  if code_dtype == "bfloat16":
-    codes = np.asarray(jnp.asarray(codes, jnp.bfloat16).astype(jnp.float32))
+  codes = codes.astype(bank_lib.CODE_DTYPES[code_dtype]).astype(np.float32)  # as bank.py stores them (numpy)
   atoms = [a for d in documents for a in d.atoms]
   return bank_lib.AtomBank(
       path=None, fingerprint="", meta={}, doc_ids=[d.doc_id for d in documents],
@@ -44,15 +46,43 @@ def in_memory_bank(documents: list[bank_lib.BankDocument], code_dtype: str = "bf
       texts={d.doc_id: d.text for d in documents}, code_dtype=code_dtype)
 
 
-_answer_logits = jax.jit(step_lib.answer_logits, static_argnums=1)
+# Student logits at the answer positions, jitted once for every evaluator (quick, runner).
+answer_logits = jax.jit(step_lib.answer_logits, static_argnums=1)
+MIN_PROMPT_BUCKET = 64
+
+
+def pow2(n: int, floor: int = 1) -> int:
+  """The smallest power of two >= max(n, floor): few shapes, so few compilations."""
+  return max(floor, 1 << max(0, int(n) - 1).bit_length())
+
+
+def length_bucket(n: int, floor: int = MIN_PROMPT_BUCKET) -> int:
+  """A padded sequence length: four buckets per octave above `floor` (64, 80, 96, 112, 128, 160, ...), so at
+  most 25% padding (compute) for about four compiled shapes per doubling of length."""
+  if n <= floor:
+    return floor
+  step = 1 << max(0, (int(n) - 1).bit_length() - 3)
+  return -(-int(n) // step) * step
+
+
+def prompt_answer_logits(model, user_turns, answers, adapter=None):
+  """(logits [B, A, V] at the answer positions, the packed numpy batch) for chat prompt + gold answer rows.
+
+  Rows are packed as the teacher packs them (`teacher.pack_answers`), then padded to a `length_bucket`.
+  """
+  packed = teacher_lib.pack_answers([model.encode(model.chat_prompt(p)) for p in user_turns],
+                                    [batch_lib.answer_tokens(model, a) for a in answers])
+  length = packed["s_tokens"].shape[1]
+  target = max(length, min(length_bucket(length), model.config.max_position_embeddings))
+  for name in ("s_tokens", "s_mask"):
+    packed[name] = np.pad(packed[name], ((0, 0), (0, target - length)))
+  return answer_logits(model.weights, model.config, packed, adapter), packed
 
 
 def _teacher_nll(model, question_rows, doc_text):
   """Gold-answer NLL with the document in the prompt, per question (one padded batch, one forward)."""
-  prompts_ = [model.encode(model.chat_prompt(prompts.in_context_prompt(doc_text, q.question))) for q in question_rows]
-  answers = [batch_lib.answer_tokens(model, q.answer) for q in question_rows]
-  b = {k: jnp.asarray(v) for k, v in teacher_lib.pack_answers(prompts_, answers).items()}
-  logits = _answer_logits(model.weights, model.config, b, None)
+  logits, b = prompt_answer_logits(model, [prompts.in_context_prompt(doc_text, q.question) for q in question_rows],
+                                   [q.answer for q in question_rows])
   return np.asarray(losses.answer_ce(logits, b["targets"], b["answer_mask"])).tolist()
 
 
@@ -86,7 +116,7 @@ def evaluate(system, documents, *, max_new_tokens: int = 12, generate: bool = Tr
     ans = b["answer_mask"]
     answerable = np.asarray([not q.out_of_scope for q in td.questions])
     for method, adapter in adapters.items():
-      logits = _answer_logits(model.weights, model.config, b, adapter)
+      logits = answer_logits(model.weights, model.config, b, adapter)
       nll = np.asarray(losses.answer_ce(logits, b["targets"], ans))
       kl = np.asarray(losses.topk_kl(logits, b["teacher_ids"], b["teacher_logp"], ans))
       per[method]["nll"] += nll[answerable].tolist()
