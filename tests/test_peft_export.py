@@ -11,7 +11,7 @@ from doc2atom_jax import peft_export
 from doc2atom_jax.atoms import compose
 from doc2atom_jax.errors import UserError
 from doc2atom_jax.models import adapter as adapter_lib
-from doc2atom_jax.models import base, decoder, hf_weights, tiny
+from doc2atom_jax.models import base, decoder, hf_weights
 from doc2atom_jax.models import config as config_lib
 
 ALL = ("q", "k", "v", "o", "gate", "up", "down")
@@ -111,19 +111,11 @@ def test_layout_matches_peft_conventions(tmp_path):
 # PEFT itself as the reference.
 # ---------------------------------------------------------------------------------------------------------
 def torch_reference(family):
-  """transformers' model of the tiny config with O(1)-logit random weights, and the same weights as ours."""
-  torch = pytest.importorskip("torch")
-  import transformers
+  """transformers' model of the tiny config with O(1)-logit random weights (the parity tests'), and ours."""
+  pytest.importorskip("torch")
+  from tests.models.test_parity import torch_model
 
-  hf_cfg = tiny.hf_config(family)
-  hf_cfg._attn_implementation = "eager"
-  torch.manual_seed(0)
-  model = transformers.AutoModelForCausalLM.from_config(hf_cfg).float().eval()
-  gen = torch.Generator().manual_seed(1)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      p.copy_(p + 0.1 * torch.randn(p.shape, generator=gen) if "norm" in name else
-              0.15 * torch.randn(p.shape, generator=gen))
+  hf_cfg, model = torch_model(family)
   cfg = config_lib.from_hf_config(hf_cfg)
   state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
   return model, cfg, hf_weights.from_hf_state_dict(state, cfg)
