@@ -8,6 +8,10 @@ Documents -> an atom bank with the trained compiler, then a question against it:
       --config.params=runs/quickstart/export --config.compile.input=docs.jsonl --workdir=runs/quickstart
   python -m doc2atom_jax.main --config=configs/quickstart.py --config.mode=ask --config.params=runs/quickstart/export \
       --config.ask.bank=runs/quickstart/banks/docs --config.ask.question="Who founded the Orlen Observatory?"
+A bfloat16 params export of a run's newest checkpoint, and one question's adapter as PEFT LoRA:
+  python -m doc2atom_jax.main --config=configs/quickstart.py --config.mode=export --workdir=runs/quickstart \
+      --config.export.output=runs/quickstart/export_bf16 --config.export.dtype=bfloat16 \
+      --config.export.document_file=my_doc.txt --config.export.question="Who founded the Orlen Observatory?"
 The in_context baseline on a document of your own:
   python -m doc2atom_jax.main --config=configs/quickstart.py --config.mode=generate --config.generate.question="When was it founded?"
 Override any field, e.g. --config.model.name=tiny-random-llama, --config.train.steps=300.
@@ -26,7 +30,7 @@ DOCUMENT = (
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.mode = "train"  # train (the main job) | eval | generate | compile | ask | selfgen
+  c.mode = "train"  # train (the main job) | eval | generate | compile | ask | export | selfgen
   c.seed = 0
   c.params = ""  # a trained compiler + router (<workdir>/export of mode=train) for compile and ask
 
@@ -125,6 +129,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.cost_repeats = 2  # timed repetitions (after a warm-up) per latency measurement; the median is kept
   c.eval.cost_new_tokens = 16  # generated tokens per timed answer (stop tokens ignored)
   c.eval.output = ""  # default <workdir>/eval
+  # The capacity oracle (methods capacity_atom, capacity_doc): free LoRAs fitted against the teacher on each
+  # batch of questions, per atom (oracle routing) and per document; ~3 s an Adam step on 2 CPU cores for 8
+  # SmolLM2 questions, so 30 steps add ~3 minutes per batch and method. 0 = off.
+  c.eval.capacity_steps = 0
+  c.eval.capacity_rank = 1  # per atom
+  c.eval.capacity_doc_rank = 8  # per document (Doc-to-LoRA's rank)
+  c.eval.capacity_learning_rate = 5e-3
 
   # mode=compile: a JSONL of documents ({"doc_id"|"id", "text"|"context"} per line) -> an atom bank.
   c.compile = ml_collections.ConfigDict()
@@ -137,6 +148,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.ask.question = ""
   c.ask.doc_id = ""  # d2l / d2l_atom compose one document's adapters: which one
   c.ask.max_new_tokens = 24
+
+  # mode=export: the trained compiler and router as a params-only Orbax export (no optimizer state) that eval,
+  # compile and ask load with --config.params, no training workdir needed; with `question`, also that
+  # question's composed adapter (the atoms and weights ask would use) in Hugging Face PEFT's LoRA layout.
+  c.export = ml_collections.ConfigDict()
+  c.export.source = ""  # an export, a checkpoints folder (newest step) or one <step> folder, or a training workdir;
+  #                       "" = `params` if set, else the newest checkpoint under <workdir>/checkpoints
+  c.export.output = ""  # default <workdir>/export; never the source itself (unless already that export)
+  c.export.dtype = "float32"  # float32 | bfloat16: storage of the parameters (loading casts back to float32)
+  c.export.question = ""  # set: also export this question's composed adapter as PEFT LoRA
+  c.export.bank = ""  # route over this bank (made by mode=compile with the same parameters) ...
+  c.export.document = ""  # ... or over this text, compiled on the fly
+  c.export.document_file = ""  # a UTF-8 text file; replaces `document` when set
+  c.export.doc_id = ""  # d2l / d2l_atom compose one document's adapters: which one of the bank
+  c.export.peft_output = ""  # default <workdir>/peft/<the question, slugged>; replaced if it exists
 
   # mode=selfgen: the base model's greedy answers (document in the prompt) as training targets, sharded and
   # resumable (doc2atom_jax/data/selfgen.py).

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 import time
 
 from doc2atom_jax import fileio, models
@@ -59,19 +60,24 @@ def export_meta(path) -> dict:
 def check_export(path, model_name: str, method: str) -> None:
   """A parameter export must come from this base model and this method: another model's export can have the
   same shapes (and would load), and would then compile garbage without a word."""
-  meta = export_meta(path)
+  check_trained(export_meta(path), f"the export at {path}", model_name, method)
+
+
+def check_trained(meta: dict, what: str, model_name: str, method: str) -> None:
+  """The check of `check_export` on the metadata of an export or a training checkpoint ({"run", "model"})."""
   trained_on = meta.get("model") or ((meta.get("run") or {}).get("model") or {}).get("name")
   if trained_on and trained_on != model_name:
-    raise UserError(f"the export at {path} was trained on base model {trained_on!r}, not {model_name!r}: set "
+    raise UserError(f"{what} was trained on base model {trained_on!r}, not {model_name!r}: set "
                     f"--config.model.name={trained_on} or use an export of {model_name}")
   trained_for = ((meta.get("run") or {}).get("atoms") or {}).get("method")
   if trained_for and trained_for != method:
-    raise UserError(f"the export at {path} was trained for method {trained_for!r}, not {method!r} "
+    raise UserError(f"{what} was trained for method {trained_for!r}, not {method!r} "
                     f"(--config=<file>.py:{trained_for} selects it)")
 
 
-def build_system(config, model=None):
-  """The atom system of a config (on `model` when given, else the config's), with `config.params` loaded."""
+def build_system(config, model=None, params: str | None = None):
+  """The atom system of a config (on `model` when given, else the config's), with `params` (default
+  `config.params`; "" = none) loaded."""
   from doc2atom_jax.atoms import compiler as compiler_lib
   from doc2atom_jax.atoms import pipeline
 
@@ -89,12 +95,13 @@ def build_system(config, model=None):
   except ValueError as e:
     raise UserError(f"bad compiler config: {e}") from None
   system = pipeline.AtomSystem.create(model, compiler_cfg, method, seed=config.seed)
-  if config.params:
+  params = config.params if params is None else params
+  if params:
     from doc2atom_jax import checkpoint
 
-    check_export(config.params, model.name, config.atoms.method)
-    meta = checkpoint.load_params((system.compiler, system.router), config.params)
-    print(f"loaded trained compiler and router from {config.params} (step {meta.get('step')})")
+    check_export(params, model.name, config.atoms.method)
+    meta = checkpoint.load_params((system.compiler, system.router), params)
+    print(f"loaded trained compiler and router from {params} (step {meta.get('step')})")
   return system
 
 
@@ -167,11 +174,16 @@ def ask(config, workdir: pathlib.Path | None) -> list[dict]:
                           max_new_tokens=config.ask.max_new_tokens)
   for r in results:
     print(f"Q: {r['question']}\nA: {r['answer']}" + ("  (abstained: the null atom ranked first)" if r["abstained"] else ""))
-    for used in r["atoms"]:
-      atom = used["atom"]
-      where = "null atom" if atom == "null" else f"{atom['doc_id']}[{atom['chars'][0]}:{atom['chars'][1]}] {atom['text']!r}"
-      print(f"  {used['weight']:.3f}  {where}")
+    _print_atoms(r["atoms"])
   return results
+
+
+def _print_atoms(used: list[dict]) -> None:
+  """The atoms of a composition, one a line: weight, then the null atom or the atom's text span."""
+  for u in used:
+    atom = u["atom"]
+    where = "null atom" if atom == "null" else f"{atom['doc_id']}[{atom['chars'][0]}:{atom['chars'][1]}] {atom['text']!r}"
+    print(f"  {u['weight']:.3f}  {where}")
 
 
 MODES = {"generate": generate, "compile": compile_documents, "ask": ask}
@@ -194,7 +206,7 @@ def train(config, workdir: pathlib.Path | None):
   documents_for_step = data_lib.source_from_config(config, tokenizer=system.model.tokenizer)
   # What must match for a checkpoint to be resumed: everything but the step budget and the mode.
   run_meta = {k: v for k, v in config.to_dict().items()
-              if k not in ("mode", "params", "generate", "compile", "ask", "eval", "selfgen")}
+              if k not in ("mode", "params", "generate", "compile", "ask", "eval", "selfgen", "export")}
   run_meta["train"] = {k: v for k, v in run_meta["train"].items()
                        if k not in ("steps", "allow_config_change", "eval_every")}
   run_meta = json.loads(json.dumps(run_meta, default=list))
@@ -271,3 +283,163 @@ def selfgen(config, workdir: pathlib.Path | None):
 
 
 MODES["selfgen"] = selfgen
+
+
+# ---------------------------------------------------------------------------------------------------------
+# export: a params-only export (from an export or a training checkpoint), and one question's adapter as PEFT.
+# ---------------------------------------------------------------------------------------------------------
+def export(config, workdir: pathlib.Path | None) -> dict:
+  """The trained compiler and router as a params-only Orbax export (`eval`, `ask`, `compile` load it with
+  --config.params, no training workdir needed), from an export or the newest training checkpoint; with
+  `export.question`, also that question's composed adapter (the atoms and weights `ask` would use) in Hugging
+  Face PEFT's LoRA layout. Returns {"params": folder or None, "peft": folder or None, "atoms": [...]}."""
+  from doc2atom_jax import checkpoint
+
+  e = config.export
+  checkpoint.storage_dtype(e.dtype)
+  # Everything that can be checked without the model, first.
+  question = e.question.strip()
+  document = fileio.read_text(e.document_file) if e.document_file else e.document
+  if e.bank and document:
+    raise UserError("set export.bank or export.document (or document_file), not both: the adapter is composed "
+                    "from one bank or one document")
+  if question and not (e.bank or document):
+    raise UserError("export.question needs atoms to compose: set --config.export.bank=<bank folder> (made by "
+                    'mode=compile) or --config.export.document="<text>" (compiled on the fly)')
+  if not question and (e.bank or document or e.peft_output):
+    raise UserError('the PEFT adapter is one question\'s composition: set --config.export.question="..." '
+                    "(or leave export.bank, export.document and export.peft_output empty)")
+  if document and not document.strip():
+    raise UserError("export.document is empty")
+  kind, source, step = _export_source(config, workdir)
+  output = pathlib.Path(e.output).expanduser() if e.output else (workdir / "export" if workdir else None)
+  if output is None:
+    raise UserError("set --workdir (the export goes to <workdir>/export) or --config.export.output")
+  write_params = True
+  if output.absolute().resolve() == source.absolute().resolve() or source.absolute().resolve() in (
+      output.absolute().resolve().parents):
+    if kind == "export" and export_meta(source).get("dtype", "float32") == e.dtype:
+      write_params = False  # it is already this export: nothing to rewrite
+    else:
+      raise UserError(f"the export would overwrite its own source {source}: set --config.export.output to "
+                      "another folder")
+  peft_folder = None
+  if question:
+    peft_folder = pathlib.Path(e.peft_output).expanduser() if e.peft_output else (
+        workdir / "peft" / _slug(question) if workdir else None)
+    if peft_folder is None:
+      raise UserError("set --workdir (the PEFT adapter goes to <workdir>/peft/<question>) or "
+                      "--config.export.peft_output")
+
+  # The trained parameters.
+  model = load_model(config)
+  if kind == "export":
+    system = build_system(config, model=model, params=str(source))
+    meta = {k: v for k, v in export_meta(source).items() if k != "dtype"}
+  else:
+    system = build_system(config, model=model, params="")
+    meta = checkpoint.load_checkpoint_params((system.compiler, system.router), source, step)
+    where = source / str(meta["step"])
+    check_trained(meta, f"the training checkpoint {where}", model.name, config.atoms.method)
+    print(f"loaded the compiler and router of training checkpoint {where} (step {meta['step']})")
+  meta = {**meta, "model": meta.get("model") or model.name,
+          "source": str(source if kind == "export" else source / str(meta["step"]))}
+
+  # The question's composition, before anything is written (a bank of another compiler fails here).
+  if question:
+    from doc2atom_jax.atoms import bank as bank_lib
+
+    if e.bank:
+      bank = bank_lib.load(e.bank, fingerprint=system.fingerprint)
+    else:
+      from doc2atom_jax.eval import quick
+
+      compiled = system.compile_document(document, e.doc_id or "document")
+      bank = quick.in_memory_bank([compiled], code_dtype=config.atoms.code_dtype)  # as compile -> ask sees it
+    doc_id = (e.doc_id or "document") if document else (e.doc_id or None)
+    indices, weights, abstain = system.select(bank, [question], doc_id)
+    adapter = system.adapter(bank, indices, weights)
+    used = _atoms_used(bank, indices[0], weights[0])
+
+  result = {"params": None, "peft": None, "atoms": []}
+  if write_params:
+    result["params"] = checkpoint.export_params((system.compiler, system.router), output, meta, dtype=e.dtype)
+    print(f"exported the compiler and router ({e.dtype}, step {meta.get('step')}) to {result['params']} "
+          f"(use --config.params={result['params']})")
+  else:
+    print(f"{source} is already a {e.dtype} export of these parameters; not rewritten")
+  if question:
+    from doc2atom_jax import peft_export
+
+    folder = peft_export.write_peft_adapter(peft_folder, adapter, model.config,
+                                            base_model_name_or_path=_hf_base(model.name))
+    fileio.atomic_write_text(folder / "doc2atom_composition.json", json.dumps(
+        {"question": question, "abstained": bool(abstain[0]), "atoms": used, "method": config.atoms.method,
+         "bank": str(e.bank) if e.bank else None, "doc_id": doc_id, "params": meta["source"],
+         "step": meta.get("step"), "model": model.name, "fingerprint": system.fingerprint}, indent=1) + "\n")
+    peft_config = json.loads(fileio.read_text(folder / peft_export.CONFIG_NAME))
+    print(f"Q: {question}" + ("  (abstained: the null atom ranked first; the adapter is the default adapter plus "
+                              "this composition, as ask would apply it before answering 'unknown')"
+                              if abstain[0] else ""))
+    _print_atoms(used)
+    print(f"wrote the composed adapter in PEFT's LoRA layout (r={peft_config['r']}, "
+          f"lora_alpha={peft_config['lora_alpha']}, {', '.join(peft_config['target_modules'])}) to {folder}")
+    result.update(peft=folder, atoms=used, abstained=bool(abstain[0]))
+  return result
+
+
+MODES["export"] = export
+
+
+def _export_source(config, workdir: pathlib.Path | None) -> tuple[str, pathlib.Path, int | None]:
+  """("export", folder, None) or ("checkpoint", checkpoints folder, step or None = the newest) for
+  `export.source`, else `config.params`, else <workdir>/checkpoints."""
+  from doc2atom_jax import checkpoint
+
+  if config.export.source:
+    path = pathlib.Path(config.export.source).expanduser()
+    if (path / checkpoint.META_FILE).is_file() or (path / "params").is_dir():
+      return "export", path, None
+    if path.name.isdigit() and (path / "state").is_dir():  # one checkpoint: <workdir>/checkpoints/<step>
+      return "checkpoint", path.parent, int(path.name)
+    for folder in (path, path / "checkpoints"):  # a checkpoints folder, or a training workdir
+      if checkpoint.checkpoint_steps(folder):
+        return "checkpoint", folder, None
+    raise UserError(f"export.source {path}: no parameter export (params/ and {checkpoint.META_FILE}) and no "
+                    "training checkpoint there (give an export, a checkpoints folder or a training workdir)")
+  if config.params:
+    return "export", pathlib.Path(config.params).expanduser(), None
+  if workdir is not None and checkpoint.checkpoint_steps(workdir / "checkpoints"):
+    return "checkpoint", workdir / "checkpoints", None
+  where = f"no training checkpoint under {workdir / 'checkpoints'}" if workdir is not None else "no --workdir"
+  raise UserError(f"nothing to export ({where}, no --config.params): set --config.export.source=<an export, a "
+                  "checkpoints folder or a training workdir>, or --workdir of a training run")
+
+
+def _atoms_used(bank, indices, weights) -> list[dict]:
+  """The composition of one question as `AtomSystem.answer` reports it (atoms with a positive weight)."""
+  from doc2atom_jax.atoms import compose
+
+  used = []
+  for i, w in zip(indices.tolist(), weights.tolist()):
+    if w > 0:
+      atom = "null" if i == compose.NULL_INDEX else bank.atoms[i]
+      used.append({"atom": atom if atom == "null" else {
+          "doc_id": atom.doc_id, "index": atom.index, "type": atom.type, "text": atom.text,
+          "chars": [atom.char_start, atom.char_end]}, "weight": float(w)})
+  return used
+
+
+def _slug(text: str, limit: int = 60) -> str:
+  return re.sub(r"[^a-z0-9]+", "-", text.lower())[:limit].strip("-") or "question"
+
+
+def _hf_base(model_name: str) -> str:
+  """What PEFT's base_model_name_or_path should name: the model's Hugging Face folder where it has one."""
+  from doc2atom_jax.models import base
+
+  if model_name.startswith("hf:"):
+    return str(pathlib.Path(model_name[3:]).expanduser().absolute())
+  if model_name in base.BUNDLED:
+    return str(base.bundled_folder(model_name))
+  return model_name
