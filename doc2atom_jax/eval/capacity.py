@@ -10,6 +10,7 @@ oracle's KL is low and the compiled atoms' is not).
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -56,37 +57,50 @@ def _adapter(params, members, weights, scale) -> adapter_lib.Adapter:
 
 
 def _kl(params, weights, model_cfg, batch, members, member_weights, scale):
+  """Per-question top-K KL to the teacher on the answer tokens, the fitted LoRAs composed."""
   logits = step_lib.answer_logits(weights, model_cfg, batch, _adapter(params, members, member_weights, scale))
   return losses.topk_kl(logits, batch["teacher_ids"], batch["teacher_logp"], batch["answer_mask"])
 
 
-def fit(model, batch: dict, members, member_weights, count: int, cfg: OracleConfig = OracleConfig()):
+@functools.partial(jax.jit, static_argnames=("model_cfg", "learning_rate", "scale"))
+def _update(params, opt_state, weights, batch, members, member_weights, *, model_cfg, learning_rate, scale):
+  """One Adam step on the mean KL of the questions with members (frozen weights an argument, never baked in)."""
+  used = jnp.any(member_weights > 0, axis=1).astype(jnp.float32)
+
+  def loss(p):
+    per_question = _kl(p, weights, model_cfg, batch, members, member_weights, scale)
+    return jnp.sum(per_question * used) / jnp.maximum(jnp.sum(used), 1.0)
+
+  value, grads = jax.value_and_grad(loss)(params)
+  updates, opt_state = optax.adam(learning_rate).update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state, value
+
+
+_score = jax.jit(_kl, static_argnames=("model_cfg", "scale"))
+
+
+def fit_adapter(model, batch: dict, members, member_weights, count: int, cfg: OracleConfig = OracleConfig()):
   """Fits `count` free LoRAs; question q uses the rows members[q] at member_weights[q] (0 = unused).
 
-  Returns (per-question KL before fitting [B], after fitting [B]); questions with all-zero member weights
-  (nothing to fit: out of scope, unlabelled) keep the base model's KL in both.
+  `batch` holds the packed student rows (s_tokens, s_mask, answer_pos, answer_mask) and the teacher's top-K
+  (teacher_ids, teacher_logp). Returns (the fitted per-question adapter, KL before fitting [B], after [B]);
+  questions with all-zero member weights (nothing to fit: out of scope, unlabelled) keep the base model's KL.
   """
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
   members, member_weights = jnp.asarray(members, jnp.int32), jnp.asarray(member_weights, jnp.float32)
-  used = jnp.any(member_weights > 0, axis=1).astype(jnp.float32)
   params = _init(cfg, model.config, count, jax.random.key(cfg.seed))
-  optimizer = optax.adam(cfg.learning_rate)
-  kl = jax.jit(_kl, static_argnums=2)
-
-  @jax.jit
-  def update(params, opt_state, weights, batch):  # frozen weights as an argument, never a baked-in constant
-    def loss(p):
-      per_question = _kl(p, weights, model.config, batch, members, member_weights, cfg.scale)
-      return jnp.sum(per_question * used) / jnp.maximum(jnp.sum(used), 1.0)
-    value, grads = jax.value_and_grad(loss)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, value
-
-  before = np.asarray(kl(params, model.weights, model.config, batch, members, member_weights, cfg.scale))
-  opt_state = optimizer.init(params)
+  score = lambda p: np.asarray(_score(p, model.weights, model.config, batch, members, member_weights, cfg.scale))
+  before = score(params)
+  opt_state = optax.adam(cfg.learning_rate).init(params)
   for _ in range(cfg.steps):
-    params, opt_state, _ = update(params, opt_state, model.weights, batch)
-  after = np.asarray(kl(params, model.weights, model.config, batch, members, member_weights, cfg.scale))
+    params, opt_state, _ = _update(params, opt_state, model.weights, batch, members, member_weights,
+                                   model_cfg=model.config, learning_rate=cfg.learning_rate, scale=cfg.scale)
+  return _adapter(params, members, member_weights, cfg.scale), before, score(params)
+
+
+def fit(model, batch: dict, members, member_weights, count: int, cfg: OracleConfig = OracleConfig()):
+  """(KL before fitting [B], after [B]) of `fit_adapter`."""
+  _, before, after = fit_adapter(model, batch, members, member_weights, count, cfg)
   return before, after
 
 

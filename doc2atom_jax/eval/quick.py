@@ -65,17 +65,21 @@ def length_bucket(n: int, floor: int = MIN_PROMPT_BUCKET) -> int:
   return -(-int(n) // step) * step
 
 
-def prompt_answer_logits(model, user_turns, answers, adapter=None):
-  """(logits [B, A, V] at the answer positions, the packed numpy batch) for chat prompt + gold answer rows.
-
-  Rows are packed as the teacher packs them (`teacher.pack_answers`), then padded to a `length_bucket`.
-  """
+def pack_prompt_answers(model, user_turns, answers) -> dict:
+  """The packed numpy batch of chat prompt + gold answer rows: packed as the teacher packs them
+  (`teacher.pack_answers`), then padded to a `length_bucket`."""
   packed = teacher_lib.pack_answers([model.encode(model.chat_prompt(p)) for p in user_turns],
                                     [batch_lib.answer_tokens(model, a) for a in answers])
   length = packed["s_tokens"].shape[1]
   target = max(length, min(length_bucket(length), model.config.max_position_embeddings))
   for name in ("s_tokens", "s_mask"):
     packed[name] = np.pad(packed[name], ((0, 0), (0, target - length)))
+  return packed
+
+
+def prompt_answer_logits(model, user_turns, answers, adapter=None):
+  """(logits [B, A, V] at the answer positions, the packed numpy batch) for chat prompt + gold answer rows."""
+  packed = pack_prompt_answers(model, user_turns, answers)
   return answer_logits(model.weights, model.config, packed, adapter), packed
 
 

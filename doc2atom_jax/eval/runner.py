@@ -11,6 +11,11 @@ Methods (all use `data/prompts.py` and the same greedy token budget; in_context 
 - `doc2atom_oracle`: the evidence atoms at uniform weight (1 for one atom, as training's oracle: weights sum to
   1), on labelled answerable questions only: the routing upper bound.
 - `d2l`, `d2l_atom`: every chunk / atom of the document at weight 1, from their own export (no router).
+- `capacity_atom`, `capacity_doc` (the capacity oracle, with `eval.capacity_steps` > 0): free LoRAs fitted by
+  Adam against the teacher on each batch's answerable questions, no compiler involved — per atom at rank
+  `capacity_rank` with oracle routing (labelled questions only), or one rank-`capacity_doc_rank` adapter per
+  document (d2l's form) — then scored and generated like the rest. Low KL here and high KL for doc2atom_oracle
+  means the compiler has not learned to write what an adapter of that size can hold (`capacity.py`).
 
 Per question: a greedy answer with a fixed token budget (one that runs out is scored as it stands), and on
 answerable questions the teacher-forced NLL of the first reference and the top-K KL to the in-context teacher
@@ -42,6 +47,7 @@ from doc2atom_jax.data import evidence as evidence_lib
 from doc2atom_jax.data import prompts, qa, synthetic
 from doc2atom_jax.errors import UserError
 from doc2atom_jax.eval import aggregate as agg
+from doc2atom_jax.eval import capacity as capacity_lib
 from doc2atom_jax.eval import costs as costs_lib
 from doc2atom_jax.eval import quick
 from doc2atom_jax.models import decoder as decoder_lib
@@ -51,8 +57,9 @@ from doc2atom_jax.train import losses
 from doc2atom_jax.train import teacher as teacher_lib
 
 METHODS = ("no_context", "in_context", "in_context_trunc", "rag_atoms", "doc2atom", "doc2atom_oracle", "d2l",
-           "d2l_atom")
+           "d2l_atom", "capacity_atom", "capacity_doc")
 TRAINED_ELSEWHERE = ("d2l", "d2l_atom")  # from their own export (`eval.exports`)
+CAPACITY = ("capacity_atom", "capacity_doc")  # fitted per batch of questions: no bank, no timed answer
 ATOM_METHODS = ("rag_atoms", "doc2atom", "doc2atom_oracle")  # need the main system's compiled document
 SYNTHETIC = {"synthetic_unseen": "unseen", "synthetic_seen": "seen"}
 QUESTION_RESERVE = 256  # tokens kept for the template, the question and the scored answer beside a document
@@ -386,6 +393,32 @@ def _all_atoms_of(method: str) -> Callable[[DocumentRun, tuple], Inputs]:
   return inputs
 
 
+def _capacity(run: DocumentRun, rows, method: str, answers, teacher, cfg: capacity_lib.OracleConfig,
+              doc_rank: int) -> Inputs | None:
+  """The capacity oracle's inputs: free LoRAs fitted on these rows' answerable questions (the time it takes is
+  the document's internalization time for the method). Rows with nothing to fit are not recorded."""
+  questions = [run.doc.questions[i] for i in rows]
+  if method == "capacity_atom":
+    fitted = [run.evidence[i] if q.answerable and run.evidence[i] else None for i, q in zip(rows, questions)]
+  else:
+    fitted = [(0,) if q.answerable else None for q in questions]
+  if not any(fitted):
+    return None
+  if method == "capacity_atom":
+    members, weights = capacity_lib.atom_members(fitted, max(len(e) for e in fitted if e))
+    count = len(run.atoms)
+  else:
+    members, weights = capacity_lib.document_members(fitted)
+    count, cfg = 1, dataclasses.replace(cfg, rank=doc_rank)
+  start = time.perf_counter()
+  batch = {**quick.pack_prompt_answers(run.model, _question_turns(run, rows), answers),
+           "teacher_ids": teacher[0], "teacher_logp": teacher[1]}
+  adapter, _, _ = capacity_lib.fit_adapter(run.model, batch, members, weights, count, cfg)
+  run.compile_seconds[method] = run.compile_seconds.get(method, 0.0) + time.perf_counter() - start
+  return Inputs(_question_turns(run, rows), adapter, routed=[tuple(e or ()) for e in fitted],
+                abstained=[False] * len(rows), keep=[e is not None for e in fitted])
+
+
 BUILDERS: dict[str, Callable[[DocumentRun, tuple], Inputs | None]] = {
     "no_context": _no_context, "in_context": _in_context, "in_context_trunc": _in_context_trunc,
     "rag_atoms": _rag_atoms, "doc2atom": _doc2atom, "doc2atom_oracle": _doc2atom_oracle,
@@ -425,7 +458,9 @@ def _scores(model, inputs: Inputs, answers, teacher):
 
 
 def evaluate_document(run: DocumentRun, methods: Sequence[str], *, batch_size: int, max_new_tokens: int,
-                      cache: teacher_lib.TeacherCache | None = None) -> list[agg.QuestionRecord]:
+                      cache: teacher_lib.TeacherCache | None = None,
+                      capacity: capacity_lib.OracleConfig = capacity_lib.OracleConfig(),
+                      capacity_doc_rank: int = 8) -> list[agg.QuestionRecord]:
   """Every method on the document's questions, in batches of at most `batch_size` (padded to a power of 2)."""
   doc, model, records = run.doc, run.model, []
   for start in range(0, len(doc.questions), batch_size):
@@ -442,7 +477,10 @@ def evaluate_document(run: DocumentRun, methods: Sequence[str], *, batch_size: i
       teacher = _cached_teacher(run, rows, answers, cache or teacher_cache(model))
     done = {}  # the same prompts without an adapter (in_context_trunc of a short document) are run once
     for method in methods:
-      inputs = BUILDERS[method](run, rows)
+      if method in CAPACITY:
+        inputs = _capacity(run, rows, method, answers, teacher, capacity, capacity_doc_rank) if scored else None
+      else:
+        inputs = BUILDERS[method](run, rows)
       if inputs is None:
         continue
       key = tuple(inputs.user_turns) if inputs.adapter is None and inputs.answers is None else None
@@ -483,9 +521,17 @@ class Settings:
   trunc_tokens: int = 256
   batch_size: int = 8
   code_dtype: str = "bfloat16"
+  capacity_steps: int = 0  # the capacity oracle's Adam steps per batch of questions; 0 = off
+  capacity_rank: int = 1
+  capacity_doc_rank: int = 8
+  capacity_learning_rate: float = 5e-3
 
   def __post_init__(self):
-    for name in ("max_new_tokens", "max_doc_tokens", "trunc_tokens", "batch_size"):
+    if self.capacity_steps < 0 or self.capacity_learning_rate <= 0:
+      raise UserError(f"eval.capacity_steps must be >= 0 and eval.capacity_learning_rate > 0 (got "
+                      f"{self.capacity_steps}, {self.capacity_learning_rate})")
+    for name in ("max_new_tokens", "max_doc_tokens", "trunc_tokens", "batch_size", "capacity_rank",
+                 "capacity_doc_rank"):
       if getattr(self, name) < 1:
         raise UserError(f"eval.{name} must be >= 1 (got {getattr(self, name)})")
 
@@ -543,8 +589,11 @@ def evaluate(systems: Mapping, datasets: Mapping[str, Sequence[EvalDocument]], m
     start = time.perf_counter()
     for doc in docs:
       run = DocumentRun(doc, systems, code_dtype=settings.code_dtype, trunc_tokens=settings.trunc_tokens)
-      records += evaluate_document(run, methods, batch_size=settings.batch_size,
-                                   max_new_tokens=settings.max_new_tokens)
+      records += evaluate_document(
+          run, methods, batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens,
+          capacity=capacity_lib.OracleConfig(rank=settings.capacity_rank, steps=settings.capacity_steps,
+                                             learning_rate=settings.capacity_learning_rate),
+          capacity_doc_rank=settings.capacity_doc_rank)
       stats.append(_document_stats(run))
     seconds = time.perf_counter() - start
     cov = (coverage or {}).get(name)
@@ -564,7 +613,7 @@ def bytes_per_document(methods: Sequence[str], systems: Mapping, stats: Sequence
   model_cfg = systems["doc2atom"].model.config
   number_bytes = costs_lib.dtype_bytes(settings.code_dtype)
   out = {}
-  for method in methods:
+  for method in (m for m in methods if m not in CAPACITY):  # fitted, not compiled: no stored form measured
     system = system_of(method)
     per_doc = [costs_lib.document_bytes(method, tokens=s["tokens"], atoms=s["units"][system],
                                         text_bytes=s["text_bytes"], compiler_cfg=systems[system].cfg,
@@ -630,7 +679,8 @@ def measure_costs(systems: Mapping, methods: Sequence[str], datasets: Mapping[st
   model = systems["doc2atom"].model
   question = dataclasses.replace(docs[0].questions[0], fact_evidence=())
   limit = model.config.max_position_embeddings - QUESTION_RESERVE - new_tokens
-  timed = [m for m in methods if m != "doc2atom_oracle"]  # the oracle answers as doc2atom, minus routing
+  # The oracle answers as doc2atom, minus routing; the capacity oracle is fitted per batch of questions.
+  timed = [m for m in methods if m != "doc2atom_oracle" and m not in CAPACITY]
   internalize, answer = {}, {}
   for length in sorted({int(t) for t in lengths if 0 < int(t) <= limit}):
     text = _text_of_length(model, [d.text for d in docs], length)
@@ -670,12 +720,16 @@ def parse_exports(entries: Sequence[str]) -> dict[str, str]:
   return exports
 
 
-def resolve_methods(requested: Sequence[str], exports: Mapping[str, str]) -> tuple[str, ...]:
-  """The methods to run, in METHODS order: the requested ones (checked), or every one that can run."""
+def resolve_methods(requested: Sequence[str], exports: Mapping[str, str], capacity_steps: int = 0) -> tuple[str, ...]:
+  """The methods to run, in METHODS order: the requested ones (checked), or every one that can run (the
+  capacity oracle's where `capacity_steps` > 0)."""
   unknown = [m for m in requested if m not in METHODS]
   if unknown:
     raise UserError(f"unknown eval method(s) {', '.join(map(repr, unknown))}; valid: {', '.join(METHODS)}")
-  wanted = set(requested) or {m for m in METHODS if m not in TRAINED_ELSEWHERE or m in exports}
+  if capacity_steps <= 0 and any(m in CAPACITY for m in requested):
+    raise UserError("the capacity oracle fits its adapters with Adam: set --config.eval.capacity_steps (e.g. 30)")
+  wanted = set(requested) or {m for m in METHODS if (m not in TRAINED_ELSEWHERE or m in exports)
+                              and (m not in CAPACITY or capacity_steps > 0)}
   missing = [m for m in TRAINED_ELSEWHERE if m in wanted and m not in exports]
   if missing:
     raise UserError(f"method {missing[0]} is trained separately: give its export, e.g. "
@@ -725,7 +779,7 @@ def run(config, workdir: pathlib.Path | None) -> pathlib.Path:
   start = time.perf_counter()
   e = config.eval
   exports = parse_exports(e.exports)
-  methods = resolve_methods(e.methods, exports)
+  methods = resolve_methods(e.methods, exports, e.capacity_steps)
   if e.output:
     output = pathlib.Path(e.output)
   elif workdir is not None:
@@ -733,7 +787,9 @@ def run(config, workdir: pathlib.Path | None) -> pathlib.Path:
   else:
     raise UserError("set --workdir (the report goes to <workdir>/eval) or --config.eval.output")
   settings = Settings(max_new_tokens=e.max_new_tokens, max_doc_tokens=e.max_doc_tokens, trunc_tokens=e.trunc_tokens,
-                      batch_size=e.batch_size, code_dtype=config.atoms.code_dtype)
+                      batch_size=e.batch_size, code_dtype=config.atoms.code_dtype,
+                      capacity_steps=e.capacity_steps, capacity_rank=e.capacity_rank,
+                      capacity_doc_rank=e.capacity_doc_rank, capacity_learning_rate=e.capacity_learning_rate)
   # A scanned layer stack compiles ~6x faster than the unrolled loop and runs as fast (SmolLM2, 2 CPU cores):
   # an evaluation compiles a few dozen shapes, so that is most of a cold run's time.
   model = models.load(config.model.name, dtype=config.model.dtype,

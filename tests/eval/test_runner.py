@@ -51,7 +51,8 @@ def evaluated(tmp_path_factory):
   main = export(tmp / "main", config())
   export(tmp / "d2l", config("d2l"), model=main.model)
   export(tmp / "d2l_atom", config("d2l_atom"), model=main.model)
-  c = config(exports=(f"d2l={tmp / 'd2l'}", f"d2l_atom={tmp / 'd2l_atom'}"))
+  c = config(exports=(f"d2l={tmp / 'd2l'}", f"d2l_atom={tmp / 'd2l_atom'}"), capacity_steps=4,
+             capacity_learning_rate=5e-2)
   c.params = str(tmp / "main")
   folder = runner.run(c, tmp)
   return folder, report.load_records(folder), json.loads((folder / "results.json").read_text())
@@ -89,7 +90,7 @@ def test_scores_and_routing_fields(evaluated):
     if r.answerable:
       assert np.isfinite(r.nll) and r.nll > 0 and r.kl >= 0
     assert isinstance(r.prediction, str)
-    assert (r.routed is not None) == (r.method in ("rag_atoms", "doc2atom", "doc2atom_oracle"))
+    assert (r.routed is not None) == (r.method in ("rag_atoms", "doc2atom", "doc2atom_oracle", *runner.CAPACITY))
   assert all(r.kl == 0.0 for r in records if r.method == "in_context" and r.answerable)
   # An untrained compiler changes nothing (B starts at 0): doc2atom scores as the model without a document.
   by_key = {(r.method, r.dataset, r.qid): r for r in records}
@@ -130,14 +131,34 @@ def test_oracle_composes_the_evidence_atoms_at_uniform_weight(monkeypatch):
   assert any(len(e or ()) >= 2 for e in run.evidence)  # a two-hop question: both facts' atoms
 
 
+def test_capacity_oracle_fits_the_questions_it_serves(evaluated):
+  _, records, _ = evaluated
+  by = lambda method: {(r.dataset, r.qid): r for r in records if r.method == method}
+  atom, doc, plain = by("capacity_atom"), by("capacity_doc"), by("no_context")
+  labelled = {k for k, r in by("doc2atom").items() if r.answerable and r.evidence}
+  assert set(atom) == labelled  # per atom with oracle routing: labelled answerable questions only
+  assert all(r.routed == r.evidence and not r.abstained for r in atom.values())
+  assert set(doc) == {k for k, r in plain.items() if r.answerable}  # per document: every answerable question
+  assert {r.dataset for r in atom.values()} >= {"synthetic_unseen", "synthetic_seen", "squad"}
+  for fitted in (atom, doc):  # a few Adam steps against the teacher lower the KL of the questions fitted on
+    assert np.mean([r.kl for r in fitted.values()]) < 0.9 * np.mean([plain[k].kl for k in fitted])
+
+
+def test_capacity_methods_need_steps():
+  with pytest.raises(UserError, match="capacity_steps"):
+    runner.resolve_methods(("capacity_doc",), {}, 0)
+  assert "capacity_atom" not in runner.resolve_methods((), {}, 0)
+  assert {"capacity_atom", "capacity_doc"} <= set(runner.resolve_methods((), {}, 5))
+
+
 def test_costs_cover_every_method(evaluated):
   _, _, results = evaluated
   costs = results["costs"]
-  assert set(costs["bytes_per_document"]) == set(runner.METHODS) - {"no_context"}
+  assert set(costs["bytes_per_document"]) == set(runner.METHODS) - {"no_context"} - set(runner.CAPACITY)
   assert set(costs["bytes_per_document"]["doc2atom"]) == {"codes", "factors"}
   assert costs["bytes_per_document"]["doc2atom"]["factors"] > costs["bytes_per_document"]["doc2atom"]["codes"]
   assert set(costs["bytes_per_document"]["in_context"]) == {"kv_cache"}
-  timed = set(runner.METHODS) - {"doc2atom_oracle"}
+  timed = set(runner.METHODS) - {"doc2atom_oracle"} - set(runner.CAPACITY)
   assert set(costs["answer_seconds"]) == timed
   assert set(costs["internalize_seconds"]) == timed - {"no_context"}
   assert [t for t, _ in costs["latency_by_length"]["in_context"]] == [64, 256]
