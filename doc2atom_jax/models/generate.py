@@ -3,6 +3,18 @@
 Prompts of different lengths are left-padded to a common bucketed length so a batch shares one cache index
 per step; shapes depend only on (batch, bucket, max_new_tokens), never on the exact prompt lengths, so a
 new question does not recompile. Sampling: greedy (temperature 0), or temperature with nucleus (top-p).
+
+Shared prefix (`prefill_prefix`, `generate_from_prefix`): questions over one document share its tokens (the
+chat header and the document), so the in-context baseline prefills that prefix once (batch 1) and each
+question only its own suffix (the question and the assistant header), instead of the whole prompt per
+question. Layout of the generation cache, per row: [prefix slots | suffix slots | answer slots]. The prefix
+is right-padded in its bucket (real tokens at positions 0..P-1, pad slots invalid), each suffix left-padded
+in its bucket, so every row's last suffix column is a real token (the first answer step reads it) and the
+decode steps share one cache index. Masked holes in the middle (the prefix's pad slots, the suffix's left
+padding) are harmless: attention and RoPE follow token positions (count of real tokens before), never slot
+indices (`attention.visibility`, `decoder.forward`), so each row sees exactly the positions and keys of its
+full prompt, sliding windows included. Shapes depend on (prefix bucket, batch, suffix bucket,
+max_new_tokens) only: another document in the same prefix bucket, or other questions, do not recompile.
 """
 
 import functools
@@ -44,19 +56,19 @@ def sample_next(logits, rng, temperature, top_p, greedy: bool):
   return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy"))
-def generate_tokens(weights, cfg, tokens, mask, stop_ids, rng, temperature, top_p, adapter=None, *,
-                    max_new_tokens: int, greedy: bool):
-  """Left-padded prompts [B, T] -> (new tokens [B, max_new_tokens], number generated per row [B]).
+def right_pad(sequence: list[int], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """One sequence as a [1, length] row, real tokens first (a shared prefix's layout)."""
+  tokens = np.full((1, length), pad_id, np.int32)
+  tokens[0, :len(sequence)] = sequence
+  return tokens, np.arange(length)[None] < len(sequence)
 
-  A row stops after emitting a token in `stop_ids` (that token is included in the count; later slots hold
-  the pad value -1). The loop exits early once every row has stopped.
-  """
-  batch, length = tokens.shape
-  cache = decoder_lib.init_cache(cfg, batch, length + max_new_tokens)
-  out = decoder_lib.forward(weights, cfg, tokens, attention_mask=mask, adapter=adapter, cache=cache)
+
+def _decode(weights, cfg, first_logits, cache, stop_ids, rng, temperature, top_p, adapter, max_new_tokens: int,
+            greedy: bool):
+  """From the prompt's last-position logits [B, V] and its cache: (new tokens [B, n], counts [B])."""
+  batch = first_logits.shape[0]
   rng, key = jax.random.split(rng)
-  first = sample_next(out.logits[:, -1], key, temperature, top_p, greedy)
+  first = sample_next(first_logits, key, temperature, top_p, greedy)
   generated = jnp.full((batch, max_new_tokens), -1, jnp.int32).at[:, 0].set(first)
   done = jnp.isin(first, stop_ids)
 
@@ -73,6 +85,67 @@ def generate_tokens(weights, cfg, tokens, mask, stop_ids, rng, temperature, top_
     generated = generated.at[:, step].set(nxt)
     return step + 1, out.cache, generated, done | jnp.isin(nxt, stop_ids), rng
 
-  _, _, generated, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), out.cache, generated, done, rng))
+  _, _, generated, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, generated, done, rng))
   counts = jnp.sum(generated >= 0, axis=-1)
   return generated, counts
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy"))
+def generate_tokens(weights, cfg, tokens, mask, stop_ids, rng, temperature, top_p, adapter=None, *,
+                    max_new_tokens: int, greedy: bool):
+  """Left-padded prompts [B, T] -> (new tokens [B, max_new_tokens], number generated per row [B]).
+
+  A row stops after emitting a token in `stop_ids` (that token is included in the count; later slots hold
+  the pad value -1). The loop exits early once every row has stopped.
+  """
+  batch, length = tokens.shape
+  cache = decoder_lib.init_cache(cfg, batch, length + max_new_tokens)
+  out = decoder_lib.forward(weights, cfg, tokens, attention_mask=mask, adapter=adapter, cache=cache)
+  return _decode(weights, cfg, out.logits[:, -1], out.cache, stop_ids, rng, temperature, top_p, adapter,
+                 max_new_tokens, greedy)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def prefill_prefix(weights, cfg, tokens, mask) -> decoder_lib.KVCache:
+  """A shared prefix [1, P_bucket] (`right_pad`) -> its KV cache (batch 1, P_bucket slots, pad slots invalid).
+
+  No logits: a prefix is always continued by a suffix, whose last token gives the first answer step.
+  """
+  cache = decoder_lib.init_cache(cfg, tokens.shape[0], tokens.shape[1])
+  return decoder_lib.forward(weights, cfg, tokens, attention_mask=mask, cache=cache, compute_logits=False).cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy"))
+def generate_from_prefix(weights, cfg, prefix: decoder_lib.KVCache, tokens, mask, stop_ids, rng, temperature,
+                         top_p, prefix_length, *, max_new_tokens: int, greedy: bool):
+  """Continues one prefix cache (batch 1, from `prefill_prefix`) with B left-padded suffixes [B, S]; returns
+  `generate_tokens`'s (new tokens [B, max_new_tokens], counts [B]) for the prompts prefix + suffix.
+
+  `prefix_length` (an int32 scalar, traced: no recompile) keeps only the prefix's first tokens (positions
+  below it): causal attention makes their keys and values independent of the rest, so a batch whose
+  prompts share fewer tokens than the cached prefix (a question that tokenizes into the boundary) moves the
+  difference into its suffixes. Every suffix needs at least one real token. No adapter: the prefix cache is
+  shared across rows, and an adapter acts on every token of its row (the prefix included).
+  """
+  first_logits, cache = continue_prefix(weights, cfg, prefix, tokens, mask, prefix_length, max_new_tokens)
+  return _decode(weights, cfg, first_logits, cache, stop_ids, rng, temperature, top_p, None, max_new_tokens,
+                 greedy)
+
+
+def continue_prefix(weights, cfg, prefix: decoder_lib.KVCache, tokens, mask, prefix_length, answer_slots: int):
+  """The prefix cache broadcast over B rows, the left-padded suffixes [B, S] run through it: (last-position
+  logits [B, V] float32, the cache: prefix slots, the S suffix slots, then `answer_slots` free slots).
+
+  The cache is sized here from S: a write past its end would be clamped by `dynamic_update_slice` onto the
+  prefix's slots, silently.
+  """
+  batch = tokens.shape[0]
+  extra = tokens.shape[1] + answer_slots
+  layers, _, slots, kv_heads, head_dim = prefix.k.shape
+  kv = lambda x: jnp.pad(jnp.broadcast_to(x, (layers, batch, slots, kv_heads, head_dim)),
+                         ((0, 0), (0, 0), (0, extra), (0, 0), (0, 0)))
+  rows = lambda x: jnp.pad(jnp.broadcast_to(x, (batch, slots)), ((0, 0), (0, extra)))
+  valid = prefix.valid & (prefix.positions < prefix_length)
+  cache = decoder_lib.KVCache(kv(prefix.k), kv(prefix.v), rows(prefix.positions), rows(valid), prefix.length)
+  out = decoder_lib.forward(weights, cfg, tokens, attention_mask=mask, cache=cache, compute_logits=False)
+  return decoder_lib.logits_from_hidden(weights, cfg, out.hidden[:, -1]), out.cache
