@@ -58,6 +58,8 @@ class AtomSystem:
     rngs = nnx.Rngs(seed)
     compiler = compiler_lib.AtomCompiler(compiler_cfg, rngs=rngs)
     compiler.set_statistics(*encode.calibration_statistics(model))
+    if compiler_cfg.copy_dim:
+      compiler.set_copy_basis(encode.embedding_basis(model.weights["embed"], compiler_cfg.copy_dim))
     return cls(model, compiler, router_lib.Router(compiler_cfg, rngs=rngs), method)
 
   @property

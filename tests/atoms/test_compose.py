@@ -202,3 +202,37 @@ def test_gradients_reach_compiler_router_and_null_never_the_base(setup):
   route_grads = nonzero(grads_of(1, comp))
   for name in ("key_w1", "key_w2", "null_key", "w1", "w2"):
     assert any(name in k and v for k, v in route_grads.items()), name
+
+
+def test_copy_path_writes_the_copied_tokens_embedding_into_b(setup):
+  # With copy_dim > 0 a fresh compiler is still a no-op (gains start at 0). With a gain g, an atom whose span is
+  # one token gets B rows = g * (that token's unit embedding projected onto the frozen basis), normalized:
+  # the copy map is the head's fixed part, composed like any other code entry (storage form unchanged).
+  model, _, _, doc, _, spans, mask, types = setup
+  cfg = compiler_lib.config_for(model.config, targets=("down", "q"), rank=1, code_dim=48, width=32, key_dim=16,
+                                num_blocks=1, num_heads=2, copy_dim=16)
+  comp = compiler_lib.AtomCompiler(cfg, rngs=nnx.Rngs(0))
+  basis = encode.embedding_basis(model.weights["embed"], 16)
+  np.testing.assert_allclose(basis.T @ basis, np.eye(16), atol=1e-5)
+  comp.set_copy_basis(basis)
+  codes, _, _ = comp(spans, mask, types)
+  assert codes.shape[-1] == 48
+  tokens = jnp.asarray([model.encode("Who founded the Tarnow Institute?")])
+  adapter = compose.adapter_from_bank(comp.head(), codes, jnp.asarray([[0, 1]]), jnp.ones((1, 2)), comp.null()[0],
+                                      comp.default_codes[...], alpha=cfg.alpha, targets=cfg.targets)
+  np.testing.assert_array_equal(decoder.forward(model.weights, model.config, tokens, adapter=adapter).logits,
+                                decoder.forward(model.weights, model.config, tokens).logits)
+
+  comp.copy_gain.value = jnp.full(comp.copy_gain.shape, 0.05)
+  one_token = jnp.zeros_like(mask).at[:, 0].set(True)
+  codes = comp.codes(spans, one_token, types)  # [N, L, n_t, r, c]
+  head = comp.head()
+  b_down = np.einsum("nlc,lcd->nld", np.asarray(codes[:, :, 0, 0]), np.asarray(head["b"][0]))  # head_b is 0
+  embedding = np.asarray(spans[0, :, 0])  # the input of layer 0 at each atom's first token
+  projected = embedding @ basis @ basis.T
+  projected /= np.linalg.norm(projected, axis=-1, keepdims=True)
+  for layer in range(cfg.num_layers):
+    np.testing.assert_allclose(b_down[:, layer], 0.05 * cfg.copy_gain_scale * projected, atol=1e-5)
+  assert np.allclose(np.asarray(head["b"][1]), 0.0)  # q's output is not the residual stream: no copy map
+  # The basis is frozen like the state statistics: it is listed there, so training never moves it.
+  assert "copy_basis" in compiler_lib.STATISTICS
