@@ -85,6 +85,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 25
   c.train.keep_checkpoints = 3
   c.train.max_nonfinite = 5
+  # The copy path (atoms/compiler.py): code entries that carry the span's copied token embeddings, which the
+  # head writes straight into the residual stream. Without it (0) the learning check's control (2) failed;
+  # gains are stored /copy_gain_scale so that they move ~copy_gain_scale*lr a step (10 was too slow at 100 steps).
+  c.compiler.copy_dim = 128
+  c.compiler.copy_gain_scale = 40.0
   c.train.mesh = (-1, 1, 1)  # (data, fsdp, tensor); -1 = the remaining devices
   c.train.allow_config_change = False
   c.train.eval_every = 25  # held-out KL and routing top-1 on the eval documents every this many steps; 0 = off

@@ -18,6 +18,7 @@ def get_config(arg: str | None = None):
   c.compiler.width = 32
   c.compiler.key_dim = 16
   c.compiler.num_blocks = 1
+  c.compiler.copy_dim = 8
   c.compiler.num_heads = 2
   c.train.steps = 20
   c.train.warmup_steps = 2

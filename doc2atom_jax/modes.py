@@ -91,7 +91,8 @@ def build_system(config, model=None, params: str | None = None):
     compiler_cfg = compiler_lib.config_for(
         model.config, targets=tuple(c.targets), rank=c.rank, code_dim=c.code_dim, width=c.width,
         num_blocks=c.num_blocks, num_heads=c.num_heads, key_dim=c.key_dim, default_rank=c.default_rank,
-        alpha=c.alpha)
+        alpha=c.alpha, copy_dim=c.copy_dim,
+        copy_gain_scale=c.copy_gain_scale)
   except ValueError as e:
     raise UserError(f"bad compiler config: {e}") from None
   system = pipeline.AtomSystem.create(model, compiler_cfg, method, seed=config.seed)

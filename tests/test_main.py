@@ -77,8 +77,8 @@ def test_empty_question_and_too_long_prompt(tmp_path):
 DOCS = [{"doc_id": "orlen", "text": "The Orlen Observatory was founded in 1871 by the astronomer Maria Delvane. "
                                     "It stands above the town of Kestrava."},
         {"doc_id": "tarnow", "text": "Mira Oskel founded the Tarnow Institute in Daskel. It has 412 employees."}]
-TINY = ("--config.model.name=tiny-random-llama", "--config.compiler.code_dim=32", "--config.compiler.width=32",
-        "--config.compiler.key_dim=16", "--config.compiler.num_blocks=1")
+TINY = ("--config.model.name=tiny-random-llama", "--config.compiler.code_dim=32", "--config.compiler.copy_dim=8",
+        "--config.compiler.width=32", "--config.compiler.key_dim=16", "--config.compiler.num_blocks=1")
 
 
 def write_jsonl(path, records):

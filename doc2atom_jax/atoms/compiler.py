@@ -69,6 +69,10 @@ class CompilerConfig:
   copy_dim: int = 0  # code entries that carry the copied span tokens (the copy path); 0 = off
   copy_gain_scale: float = 40.0  # gains are stored /scale: Adam (~lr a step) moves them ~scale*lr a step
 
+  def __post_init__(self):
+    if not 0 <= self.copy_dim < self.code_dim:
+      raise ValueError(f"copy_dim must be in [0, code_dim) (got {self.copy_dim}, code_dim {self.code_dim})")
+
   @property
   def layer_for_keys(self) -> int:
     return self.key_layer if self.key_layer >= 0 else self.num_layers // 2
@@ -135,8 +139,6 @@ class AtomCompiler(nnx.Module):
     })
     self.out_norm = _param(None, (w,), ("width",), value=zeros(w))
     cc = cfg.copy_dim
-    if not 0 <= cc < c:
-      raise ValueError(f"copy_dim must be in [0, code_dim) (got {cc}, code_dim {c})")
     self.code_proj = _param(key(), (w, c - cc), ("width", "code"))
     if cc:  # The copy path: which span tokens to copy (per target and rank row), the basis, per-layer gains.
       self.copy_query = _param(key(), (nt, r, d), ("targets", "rank", "embed"), std=0.5 / math.sqrt(d))
