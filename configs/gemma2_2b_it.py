@@ -11,6 +11,10 @@ Run, one method per workdir (multi-host: the same command on every host):
   python -m doc2atom_jax.main --config=configs/gemma2_2b_it.py:d2l --workdir=runs/gemma2_2b_it/d2l
   python -m doc2atom_jax.main --config=configs/gemma2_2b_it.py:d2l_atom --workdir=runs/gemma2_2b_it/d2l_atom
 
+Memory per chip before renting any (shapes only, no weights needed; --config.sharding.plan=dp|fsdp|fsdp_tp):
+  python -m doc2atom_jax.main --config=configs/gemma2_2b_it.py --config.mode=plan --config.plan.devices=256 \
+      --config.plan.device_memory_gb=16
+
 Not expressible in the config yet (set by hand or to come): the trunk's MLP x4 (CompilerConfig.mlp_ratio is
 not a config field; it stays 2), the cosine schedule's minimum learning rate, Doc-to-LoRA's second phase
 (20k steps on random 25-512-token chunks) and evaluation over the six QA benchmarks (EVAL_SOURCES; the
@@ -51,6 +55,9 @@ def get_config(arg: str | None = None):
   c.train.weight_decay = 0.01
   c.train.checkpoint_every = 1000
   c.train.mesh = (-1, FSDP, 1)
+  # fsdp, not the default fsdp_tp: with no tensor axis, fsdp_tp would leave the compiler's head maps (L x c x d_ff,
+  # 490 MB in float32, x3 with Adam) whole on every chip; fsdp splits them 8 ways (mode=plan prints both).
+  c.sharding.plan = "fsdp"
   c.loss.l1 = 0.1
 
   c.data.source = "qa"

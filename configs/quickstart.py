@@ -14,6 +14,8 @@ A bfloat16 params export of a run's newest checkpoint, and one question's adapte
       --config.export.document_file=my_doc.txt --config.export.question="Who founded the Orlen Observatory?"
 The in_context baseline on a document of your own:
   python -m doc2atom_jax.main --config=configs/quickstart.py --config.mode=generate --config.generate.question="When was it founded?"
+Per-chip memory of a config's training under its sharding plan, for chips this machine does not have (shapes only):
+  python -m doc2atom_jax.main --config=configs/gemma2_2b_it.py --config.mode=plan --config.plan.devices=256
 Override any field, e.g. --config.model.name=tiny-random-llama, --config.train.steps=300.
 """
 
@@ -30,7 +32,7 @@ DOCUMENT = (
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.mode = "train"  # train (the main job) | eval | generate | compile | ask | export | selfgen
+  c.mode = "train"  # train (the main job) | eval | generate | compile | ask | export | selfgen | plan
   c.seed = 0
   c.params = ""  # a trained compiler + router (<workdir>/export of mode=train) for compile and ask
 
@@ -38,6 +40,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.name = "smollm2-135m-instruct"  # or gemma3-270m, hf:<folder>, tiny-random-<family>
   c.model.dtype = "float32"  # compute dtype: float32 on CPU (no bf16 units), bfloat16 on accelerators
   c.model.scan_layers = False
+
+  # Multi-process (multi-host) jobs (doc2atom_jax/distributed.py); one process needs none of this.
+  # DOC2ATOM_DISTRIBUTED=1 / 0 in the environment forces initialize on / off.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.initialize = "auto"  # auto (a SLURM/TPU-pod/MPI job or JAX_COORDINATOR_ADDRESS) | on | off
+  c.distributed.coordinator_address = ""  # host:port of process 0; "" = JAX_COORDINATOR_ADDRESS or detected
+  c.distributed.num_processes = 0  # 0 = detected from the cluster environment
+  c.distributed.process_id = -1  # -1 = detected from the cluster environment
+  c.distributed.local_device_ids = ()  # () = every local device
+  c.distributed.timeout_s = 300  # waiting for the coordinator and the other processes; then one clear error
 
   # mode=generate: the document and the question in the prompt (the `in_context` baseline).
   c.generate = ml_collections.ConfigDict()
@@ -73,6 +85,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.compiler.key_dim = 128
   c.compiler.default_rank = 2
   c.compiler.alpha = 2.0
+  # The copy path (atoms/compiler.py): code entries that carry the span's copied token embeddings, which the
+  # head writes straight into the residual stream. Without it (0) the learning check's control (2) failed;
+  # gains are stored /copy_gain_scale so that they move ~copy_gain_scale*lr a step (10 was too slow at 100 steps).
+  c.compiler.copy_dim = 128
+  c.compiler.copy_gain_scale = 40.0
 
   # mode=train: distillation on synthetic fact worlds (DESIGN §2.7).
   c.train = ml_collections.ConfigDict()
@@ -85,14 +102,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 25
   c.train.keep_checkpoints = 3
   c.train.max_nonfinite = 5
-  # The copy path (atoms/compiler.py): code entries that carry the span's copied token embeddings, which the
-  # head writes straight into the residual stream. Without it (0) the learning check's control (2) failed;
-  # gains are stored /copy_gain_scale so that they move ~copy_gain_scale*lr a step (10 was too slow at 100 steps).
-  c.compiler.copy_dim = 128
-  c.compiler.copy_gain_scale = 40.0
   c.train.mesh = (-1, 1, 1)  # (data, fsdp, tensor); -1 = the remaining devices
   c.train.allow_config_change = False
   c.train.eval_every = 25  # held-out KL and routing top-1 on the eval documents every this many steps; 0 = off
+  # How parameters, optimizer state, batches and banks lie on train.mesh (doc2atom_jax/parallel.py PLANS):
+  # dp (replicated weights), fsdp (weights + Adam split over fsdp), fsdp_tp (+ tensor parallel; the default).
+  # The layout never changes the numbers, so it is not part of a checkpoint's identity: resume on another plan.
+  c.sharding = ml_collections.ConfigDict()
+  c.sharding.plan = "fsdp_tp"
+  c.sharding.rules = ()  # overrides, e.g. (("atoms", ("data", "fsdp", "tensor")), ("mlp", None))
   c.loss = ml_collections.ConfigDict()
   c.loss.kd, c.loss.ce, c.loss.route, c.loss.atom, c.loss.null = 1.0, 0.1, 1.0, 1.0, 1.0
   c.loss.type, c.loss.l1, c.loss.orth = 0.1, 0.1, 0.01
@@ -184,6 +202,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.selfgen.batch_size = 16  # most questions of one document per generate call
   c.selfgen.documents_per_part = 16  # the unit of resumption
   c.selfgen.on_long = "error"  # a document too long for the context: error | skip (counted)
+
+  # mode=plan: per-chip memory of this config's training under its sharding plan, from shapes alone (no weights
+  # are read, nothing is allocated), for chips this machine need not have (doc2atom_jax/plan.py).
+  c.plan = ml_collections.ConfigDict()
+  c.plan.mesh = ()  # (data, fsdp, tensor) to plan for; () = `devices` chips laid out as train.mesh says
+  c.plan.devices = 0  # chips; 0 = this machine's device count
+  c.plan.device_memory_gb = 16.0  # per chip: 16 TPU v5e, 32 v4, 80 H100 / A100-80GB, 141 H200
+  c.plan.bank_atoms = 1_000_000  # an atom bank of this many atoms, sharded over the `atoms` rule's axes
+  # The activation estimate's lengths (a run's real lengths are known only once its data is read).
+  c.plan.doc_tokens = 512
+  c.plan.atoms_per_document = 32
+  c.plan.question_tokens = 64  # the question-only prompt (router features)
+  c.plan.student_tokens = 96  # question prompt + answer (the student passes)
+  c.plan.answer_tokens = 16
 
   variants.apply(c, arg)  # --config=configs/quickstart.py:d2l (or :d2l_atom) trains a baseline instead
   c.lock()

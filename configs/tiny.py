@@ -4,6 +4,9 @@ Run:
   python -m doc2atom_jax.main --config=configs/tiny.py --workdir=runs/tiny
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m doc2atom_jax.main --config=configs/tiny.py \
       --config.train.mesh="(2, 2, 2)" --workdir=runs/tiny8
+The sharding plans (dp | fsdp | fsdp_tp) on such a mesh, and what each puts on one chip (shapes only):
+  ... --config.sharding.plan=fsdp
+  python -m doc2atom_jax.main --config=configs/tiny.py --config.mode=plan --config.plan.mesh="(2, 2, 2)"
 """
 
 from configs import quickstart
@@ -15,10 +18,10 @@ def get_config(arg: str | None = None):
   c.mode = "train"
   c.model.name = "tiny-random-llama"
   c.compiler.code_dim = 32
+  c.compiler.copy_dim = 8
   c.compiler.width = 32
   c.compiler.key_dim = 16
   c.compiler.num_blocks = 1
-  c.compiler.copy_dim = 8
   c.compiler.num_heads = 2
   c.train.steps = 20
   c.train.warmup_steps = 2

@@ -30,13 +30,19 @@ def storage_dtype(name: str):
 
 def export_params(modules, path, meta: dict, dtype: str = "float32") -> pathlib.Path:
   """Writes the Params of `modules` (e.g. (compiler, router)) to `path`, replacing an older export; floating
-  parameters are stored as `dtype` ("float32" or "bfloat16"), recorded in export.json."""
+  parameters are stored as `dtype` ("float32" or "bfloat16"), recorded in export.json. In a multi-process run the
+  calling process alone writes it (no collective: `modes.train` calls it on process 0 only)."""
   cast = storage_dtype(dtype)
   path = pathlib.Path(path).absolute()
   params = nnx.to_pure_dict(nnx.state(modules, nnx.Param))
   params = jax.tree.map(lambda x: x.astype(cast) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
   (path / META_FILE).unlink(missing_ok=True)  # until the new params are complete, this is no export
-  checkpointer = ocp.StandardCheckpointer()
+  options = ocp.options.MultiprocessingOptions()
+  if jax.process_count() > 1:  # one process (the caller) writes: host arrays, no barrier with the others
+    params = jax.device_get(params)
+    options = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                                 active_processes={jax.process_index()})
+  checkpointer = ocp.StandardCheckpointer(multiprocessing_options=options)
   checkpointer.save(path / "params", params, force=True)
   checkpointer.wait_until_finished()
   fileio.atomic_write_text(path / META_FILE, json.dumps({**meta, "dtype": dtype}, indent=1, default=str))

@@ -1,7 +1,8 @@
 """Command line: `python -m doc2atom_jax.main --config=configs/<file>.py [--config.a.b=v] [--workdir=DIR]`.
 
-Thin on purpose: flags, the locked config, the compilation cache, dispatch on `config.mode`. A UserError
-becomes one line on stderr and exit status 2; anything else is a bug and keeps its traceback.
+Thin on purpose: flags, the locked config, jax.distributed (a multi-process job: `config.distributed`, before
+anything touches a device), the compilation cache, dispatch on `config.mode`. A UserError becomes one line on
+stderr and exit status 2; anything else is a bug and keeps its traceback.
 """
 
 import logging
@@ -22,7 +23,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs (checkpoi
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from doc2atom_jax import modes, paths
+  from doc2atom_jax import distributed, modes, paths
 
   try:
     config = _CONFIG.value
@@ -34,6 +35,7 @@ def main(argv) -> None:
       raise UserError(_message(e)) from None
     if config.mode not in modes.MODES:
       raise UserError(f"unknown mode {config.mode!r}; available: {', '.join(modes.MODES)}")
+    distributed.maybe_initialize(config)
     paths.enable_compilation_cache()
     workdir = pathlib.Path(_WORKDIR.value) if _WORKDIR.value else None
     modes.MODES[config.mode](config, workdir)

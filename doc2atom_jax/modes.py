@@ -201,13 +201,27 @@ def train(config, workdir: pathlib.Path | None):
 
   if workdir is None:
     raise UserError("set --workdir: training writes checkpoints and metrics there")
+  import jax
+
+  from doc2atom_jax import distributed, parallel
+
+  # Bad plans and meshes fail before the model loads; a batch the batch axes do not split is padded.
+  rules = parallel.rules_for(config.sharding.plan, config.sharding.rules)
+  data_lib.documents_per_process(config.data.documents_per_step, jax.process_count())  # each process: a share
+  mesh = dict(zip(parallel.MESH_AXES, parallel.mesh_sizes(config.train.mesh, jax.device_count())))
+  num_questions = parallel.padded_batch(config.data.documents_per_step * config.data.questions_per_document, mesh,
+                                        rules)
   system = build_system(config)
-  tcfg = trainer.TrainConfig(**{**config.train.to_dict(), "mesh": tuple(config.train.mesh)})
+  tcfg = trainer.TrainConfig(**{**config.train.to_dict(), "mesh": tuple(config.train.mesh), "rules": rules})
   loss_cfg = step_lib.loss_config(config)
-  documents_for_step = data_lib.source_from_config(config, tokenizer=system.model.tokenizer)
+  # Each process builds its share of a step's documents; process 0 prepares a TFDS corpus first (a shared disk).
+  documents_for_step = distributed.main_first(lambda: data_lib.source_from_config(
+      config, tokenizer=system.model.tokenizer, process_index=jax.process_index(), process_count=jax.process_count()))
   # What must match for a checkpoint to be resumed: everything but the step budget and the mode.
+  # The sharding plan changes where numbers live, not what they are: resuming on another plan is allowed.
   run_meta = {k: v for k, v in config.to_dict().items()
-              if k not in ("mode", "params", "generate", "compile", "ask", "eval", "selfgen", "export")}
+              if k not in ("mode", "params", "generate", "compile", "ask", "eval", "selfgen", "export", "sharding",
+                           "plan", "distributed")}
   run_meta["train"] = {k: v for k, v in run_meta["train"].items()
                        if k not in ("steps", "allow_config_change", "eval_every")}
   run_meta = json.loads(json.dumps(run_meta, default=list))
@@ -221,9 +235,9 @@ def train(config, workdir: pathlib.Path | None):
 
   history = trainer.train(system, lambda step: documents_for_step(step, system.model.tokenizer), tcfg, loss_cfg,
                           workdir, run_meta=run_meta, eval_fn=periodic_eval if heldout else None,
-                          num_questions=config.data.documents_per_step * config.data.questions_per_document)
+                          num_questions=num_questions)
   finished = not history or history[-1]["step"] == tcfg.steps  # not preempted
-  if finished:
+  if finished and distributed.is_main_process():  # files are process 0's; the others evaluate alike and wait
     from doc2atom_jax import checkpoint
 
     path = checkpoint.export_params((system.compiler, system.router), workdir / "export",
@@ -232,6 +246,7 @@ def train(config, workdir: pathlib.Path | None):
   if finished and heldout:
     results = quick.evaluate(system, heldout, max_new_tokens=config.eval.max_new_tokens)
     check = quick.learning_check(results, untrained, config.eval.margin)
+  if finished and heldout and distributed.is_main_process():
     fileio.atomic_write_text(workdir / "results.json", json.dumps(
         {"methods": results, "untrained": untrained, "learning_check": check}, indent=1))
     print(f"held-out evaluation ({len(heldout)} validation documents; kl: top-16 KL to the in-context teacher "
@@ -260,9 +275,12 @@ def _untrained_results(system, documents, workdir: pathlib.Path, run_meta: dict)
   results = quick.evaluate(system, documents, generate=False, controls=False, baselines=False)
   print(f"untrained compiler: held-out KL to the teacher {results['doc2atom']['kl']:.3f} "
         f"({len(documents)} validation documents)")
-  workdir.mkdir(parents=True, exist_ok=True)
-  fileio.atomic_write_text(path, json.dumps({"run": run_meta, "documents": len(documents), "version": 2,
-                                            "results": results}))
+  from doc2atom_jax import distributed
+
+  if distributed.is_main_process():
+    workdir.mkdir(parents=True, exist_ok=True)
+    fileio.atomic_write_text(path, json.dumps({"run": run_meta, "documents": len(documents), "version": 2,
+                                              "results": results}))
   return results
 
 
@@ -444,3 +462,13 @@ def _hf_base(model_name: str) -> str:
   if model_name in base.BUNDLED:
     return str(base.bundled_folder(model_name))
   return model_name
+
+
+def plan(config, workdir: pathlib.Path | None) -> dict:
+  """Per-chip memory of this config's training under its sharding plan, from shapes alone (doc2atom_jax/plan.py)."""
+  from doc2atom_jax import plan as plan_lib
+
+  return plan_lib.main(config, workdir)
+
+
+MODES["plan"] = plan

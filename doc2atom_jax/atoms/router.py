@@ -69,11 +69,43 @@ def column_to_index(columns, num_atoms: int):
   return jnp.where(columns == num_atoms, NULL_INDEX, columns)
 
 
-def select(scores, k: int, normalization: str = "softmax"):
+def top_k(scores, k: int, blocks: int = 1):
+  """`jax.lax.top_k` over the last axis, computed as the top k of each of `blocks` equal blocks, then the top k
+  of those candidates. Same values and indices as `jax.lax.top_k`, ties included: lax.top_k puts the lower
+  index first among equals, and the candidates stay in block order, so the lower index still wins.
+
+  Why: over a bank whose atom axis is sharded, each block is one device's rows: every device ranks its own
+  atoms and only k candidates per block meet, instead of all N scores. Falls back to one block when the
+  axis does not split into `blocks` blocks of at least k columns.
+  """
+  n = scores.shape[-1]
+  if blocks <= 1 or n % blocks or n // blocks < k:
+    return jax.lax.top_k(scores, k)
+  size = n // blocks
+  lead = scores.shape[:-1]
+  values, columns = jax.lax.top_k(scores.reshape(*lead, blocks, size), k)  # [..., blocks, k]
+  columns = (columns + (jnp.arange(blocks) * size)[:, None]).reshape(*lead, blocks * k)
+  best, picked = jax.lax.top_k(values.reshape(*lead, blocks * k), k)
+  return best, jnp.take_along_axis(columns, picked, axis=-1)
+
+
+def select(scores, k: int, normalization: str = "softmax", blocks: int = 1):
   """Top-k over [B, N + 1] scores -> (indices [B, k] with NULL_INDEX for the null atom, weights [B, k],
-  abstain [B]). When k exceeds the valid atoms, the extra slots get weight 0 (and index 0, harmless)."""
+  abstain [B]). When k exceeds the valid atoms, the extra slots get weight 0 (and index 0, harmless).
+
+  blocks > 1 ranks the N atom columns in that many blocks (`top_k`; one per shard of a sharded bank), then
+  merges the null column, last, as `jax.lax.top_k` over all N + 1 columns would: the result is identical.
+  """
   k = min(k, scores.shape[-1])
-  top, columns = jax.lax.top_k(scores, k)
+  if blocks > 1:
+    atoms, null = scores[..., :-1], scores[..., -1:]
+    cand, cand_cols = top_k(atoms, min(k, atoms.shape[-1]), blocks)
+    merged = jnp.concatenate([cand, null], axis=-1)
+    merged_cols = jnp.concatenate([cand_cols, jnp.full(null.shape, atoms.shape[-1], cand_cols.dtype)], axis=-1)
+    top, picked = jax.lax.top_k(merged, k)
+    columns = jnp.take_along_axis(merged_cols, picked, axis=-1)
+  else:
+    top, columns = jax.lax.top_k(scores, k)
   weights = _normalize(top, normalization)
   num_atoms = scores.shape[-1] - 1
   indices = jnp.where(jnp.isfinite(top), column_to_index(columns, num_atoms), 0)

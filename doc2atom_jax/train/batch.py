@@ -125,7 +125,7 @@ def build(model, documents: list[TrainDocument], *, cache: teacher_lib.TeacherCa
   batch["q_valid"] = np.ones(B, bool)
   if num_questions is not None and num_questions > B:
     for name in batch:
-      if not (name.startswith("doc_") or name.startswith("atom_")):
+      if name == "doc_of_q" or not (name.startswith("doc_") or name.startswith("atom_")):  # question rows
         pad = [(0, num_questions - B)] + [(0, 0)] * (batch[name].ndim - 1)
         batch[name] = np.pad(batch[name], pad)
   return batch

@@ -46,14 +46,16 @@ class SyntheticSource:
   questions_per_document: int = 8
   split: str = "train"
   paraphrases: tuple[int, ...] = (0, 1)  # phrasing 2 is kept for "seen facts, new paraphrase" evaluation
+  process_index: int = 0  # documents_per_step is this process's share; the step's documents are
+  process_count: int = 1  # (step · P + p) · D + j, as pipeline.document_indices orders them
 
   def document(self, index: int) -> synthetic.SyntheticDocument:
     return synthetic.document(self.split, index, seed=self.seed, facts_per_document=self.facts_per_document,
                               questions_per_document=self.questions_per_document, paraphrase=self.paraphrases)
 
   def __call__(self, step: int, tokenizer) -> list[batch_lib.TrainDocument]:
-    return [to_train_document(self.document(step * self.documents_per_step + j), tokenizer)
-            for j in range(self.documents_per_step)]
+    start = (step * self.process_count + self.process_index) * self.documents_per_step
+    return [to_train_document(self.document(start + j), tokenizer) for j in range(self.documents_per_step)]
 
 
 def to_train_document(doc: synthetic.SyntheticDocument, tokenizer) -> batch_lib.TrainDocument:
@@ -243,7 +245,9 @@ def qa_source(data_dir, *, seed: int, qa_files=(), self_gen=(), on_error: str = 
                                                  process_index=process_index, process_count=process_count)
 
   def documents_for_step(step: int, tokenizer) -> list[batch_lib.TrainDocument]:
-    records = [sample_questions(r, questions_per_document, seed=seed, step=step, slot=j)
+    # slot: the document's place in the global step, so the sample does not depend on the process count
+    first = process_index * documents_per_step
+    records = [sample_questions(r, questions_per_document, seed=seed, step=step, slot=first + j)
                for j, r in enumerate(records_for_step(step))]
     return pipeline.records_to_train_documents(records, tokenizer)
 
@@ -254,31 +258,43 @@ def qa_source(data_dir, *, seed: int, qa_files=(), self_gen=(), on_error: str = 
 # From the config.
 
 
-def source_from_config(config, tokenizer=None):
+def documents_per_process(documents_per_step: int, process_count: int) -> int:
+  """Each process's share of a step's documents: every process must build as many (one global batch)."""
+  if documents_per_step % process_count:
+    raise UserError(f"data.documents_per_step={documents_per_step} does not split over {process_count} processes: "
+                    "each process builds an equal share of every step's documents. Use a multiple of "
+                    f"{process_count} (a run, and its checkpoints, move to any process count that divides it)")
+  return documents_per_step // process_count
+
+
+def source_from_config(config, tokenizer=None, *, process_index: int = 0, process_count: int = 1):
   """The `data` section of a config -> `documents_for_step(step, tokenizer)` for the trainer.
 
-  `tokenizer` is needed only to decode tokenized self-generated records at preparation time.
+  `tokenizer` is needed only to decode tokenized self-generated records at preparation time. On P processes,
+  process p gets its share p of each step's `data.documents_per_step` documents (the default, one process, gets
+  them all): the global batch, like the data order, depends on the seed and the step only.
   """
   d = config.data
   if d.source not in SOURCES:
     raise UserError(f"unknown data.source {d.source!r}; valid: {', '.join(SOURCES)}")
   if d.on_error not in ON_ERROR:
     raise UserError(f"data.on_error must be one of {', '.join(ON_ERROR)} (got {d.on_error!r})")
+  per_process = documents_per_process(d.documents_per_step, process_count)
+  layout = {"documents_per_step": per_process, "process_index": process_index, "process_count": process_count}
   data_dir = pathlib.Path(d.data_dir) if d.data_dir else paths.cache_root() / "tfds"
   if d.source == "qa":
     if d.curriculum:
       raise UserError("data.curriculum needs synthetic data (data.source tfds or generator), not 'qa'")
-    return qa_source(data_dir, seed=config.seed, qa_files=d.qa_files, self_gen=d.self_gen,
-                     on_error=d.on_error, documents_per_step=d.documents_per_step,
-                     questions_per_document=d.questions_per_document, tokenizer=tokenizer)
+    return qa_source(data_dir, seed=config.seed, qa_files=d.qa_files, self_gen=d.self_gen, on_error=d.on_error,
+                     questions_per_document=d.questions_per_document, tokenizer=tokenizer, **layout)
 
   def synthetic_source(facts):
     if d.source == "generator":
-      return SyntheticSource(seed=config.seed, documents_per_step=d.documents_per_step,
-                             facts_per_document=tuple(facts), questions_per_document=d.questions_per_document)
-    return tfds_source(data_dir, seed=config.seed, documents=d.train_documents,
-                       documents_per_step=d.documents_per_step, facts_per_document=tuple(facts),
-                       questions_per_document=d.questions_per_document, paraphrases=SyntheticSource.paraphrases)
+      return SyntheticSource(seed=config.seed, facts_per_document=tuple(facts),
+                             questions_per_document=d.questions_per_document, **layout)
+    return tfds_source(data_dir, seed=config.seed, documents=d.train_documents, facts_per_document=tuple(facts),
+                       questions_per_document=d.questions_per_document, paraphrases=SyntheticSource.paraphrases,
+                       **layout)
 
   stages = curriculum_stages(d.curriculum)
   return staged_source(stages, synthetic_source) if stages else synthetic_source(d.facts_per_document)

@@ -4,6 +4,12 @@ Only the compiler and router train; the frozen base weights are a sharded, non-d
 jitted step. The data order is a pure function of (seed, global step) — `documents_for_step(step)` —
 so a resumed run sees exactly the batches an uninterrupted run would. SIGTERM finishes the current step,
 saves a checkpoint, waits for it and returns normally (exit status 0).
+
+On P processes (`distributed`) each process builds its share of a step's documents; the shares are padded to
+shapes every process agrees on and assembled into one global batch, so the step, the checkpoints and the numbers
+are those of one process holding all the devices. Only process 0 writes logs, events and the progress bar;
+checkpoint saves are collective (Orbax writes from the primary host), and a checkpoint resumes on any number of
+processes.
 """
 
 import dataclasses
@@ -14,11 +20,13 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 import tqdm
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
-from doc2atom_jax import fileio, parallel, paths
+from doc2atom_jax import distributed, fileio, parallel, paths
 from doc2atom_jax.data import prompts
 from doc2atom_jax.errors import UserError
 from doc2atom_jax.train import batch as batch_lib
@@ -41,6 +49,7 @@ class TrainConfig:
   keep_checkpoints: int = 3
   max_nonfinite: int = 5  # consecutive skipped steps before aborting
   mesh: tuple[int, int, int] = (-1, 1, 1)  # data, fsdp, tensor
+  rules: tuple = parallel.DEFAULT_RULES  # logical axis -> mesh axes (parallel.rules_for(config.sharding...))
   allow_config_change: bool = False  # resume a workdir whose checkpoint came from another config
   eval_every: int = 0  # steps between held-out evaluations (`eval_fn`); 0 = none during training
 
@@ -60,11 +69,23 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def _state_to_tree(params, opt_state, step):
-  return {"params": nnx.to_pure_dict(params), "opt_state": opt_state, "step": jnp.asarray(step, jnp.int32)}
+class _NoEvents:
+  """The event writer of processes other than 0."""
+
+  def add_scalar(self, *args, **kwargs):
+    del args, kwargs
+
+  def close(self):
+    pass
 
 
-def _restore(manager, abstract, run_meta, allow_change):
+def _state_to_tree(params, opt_state, step, mesh):
+  # The step replicated over the mesh: Orbax saves no process-local array in a multi-process run.
+  step = jax.device_put(np.asarray(step, np.int32), NamedSharding(mesh, PartitionSpec()))
+  return {"params": nnx.to_pure_dict(params), "opt_state": opt_state, "step": step}
+
+
+def _restore(manager, abstract, run_meta, allow_change, layout):
   """Latest readable checkpoint (falling back to older ones when the newest is damaged), or None."""
   for step in sorted(manager.all_steps(), reverse=True):
     try:
@@ -77,6 +98,8 @@ def _restore(manager, abstract, run_meta, allow_change):
     if restored.meta.get("run") != run_meta and not allow_change:
       raise UserError(f"{manager.directory} holds a checkpoint of a different configuration; use another "
                       "--workdir, or set train.allow_config_change=True to resume from it anyway")
+    if restored.meta.get("layout", layout) != layout:  # supported: the data order is a function of seed and step
+      print(f"checkpoint {step} was written on {restored.meta['layout']}; resuming on {layout}")
     return restored.state
   return None
 
@@ -85,11 +108,13 @@ def train(system, documents_for_step, tcfg: TrainConfig, loss_cfg: step_lib.Loss
           run_meta: dict, log_every: int = 1, eval_fn=None, num_questions: int | None = None) -> list[dict]:
   """Trains `system.compiler` and `system.router` in place; returns the logged metrics of this process.
 
+  num_questions pads the question rows of a step's global batch (each of P processes builds 1/P of them).
   eval_fn(compiler, router) -> {name: number}, run every `tcfg.eval_every` steps on copies of the current
   modules (the live parameters are donated to the next step); logged to eval.jsonl and TensorBoard `eval/`.
   """
   workdir = pathlib.Path(workdir)
   model = system.model
+  local_questions = None if num_questions is None else distributed.share(num_questions, "question rows a step")
 
   # ---- Mesh ----------------------------------------------------------------------------------------------
   mesh = parallel.make_mesh(tcfg.mesh)
@@ -98,10 +123,10 @@ def train(system, documents_for_step, tcfg: TrainConfig, loss_cfg: step_lib.Loss
   graphdef, params = nnx.split((system.compiler, system.router))
   optimizer = step_lib.make_optimizer(tcfg.learning_rate, tcfg.warmup_steps, tcfg.steps, tcfg.weight_decay,
                                       tcfg.clip_norm, tcfg.accumulate)
-  p_sh = parallel.state_shardings(params, mesh)
+  p_sh = parallel.state_shardings(params, mesh, tcfg.rules)
   params = jax.device_put(params, p_sh)
-  opt_state, o_sh = parallel.on_mesh(jax.jit(optimizer.init)(params), mesh)
-  w_sh = parallel.module_weight_shardings(model.decoder, mesh)
+  opt_state, o_sh = parallel.optimizer_state(optimizer, params, p_sh, mesh)
+  w_sh = parallel.module_weight_shardings(model.decoder, mesh, tcfg.rules)
   base_weights = jax.device_put(model.weights, w_sh)
 
   # ---- Step ----------------------------------------------------------------------------------------------
@@ -113,21 +138,30 @@ def train(system, documents_for_step, tcfg: TrainConfig, loss_cfg: step_lib.Loss
 
   def run_step(params, opt_state, batch):
     nonlocal floor
-    batch, floor = batch_lib.pad_up(batch, floor)
-    b_sh = parallel.batch_shardings(batch, mesh, QUESTION_FIELDS)
+    batch, floor = distributed.agree_on_shapes(batch, floor)  # a collective step needs equal shapes everywhere
+    # doc_of_q counts this process's documents; in the global batch they follow the lower processes' documents.
+    batch["doc_of_q"] = batch["doc_of_q"] + jax.process_index() * batch["doc_tokens"].shape[0]
+    batch, b_sh = distributed.global_batch(
+        batch, lambda shapes: parallel.batch_shardings(shapes, mesh, QUESTION_FIELDS, tcfg.rules))
     key = tuple((k, v.shape) for k, v in sorted(batch.items()))
     if key not in compiled:
       compiled[key] = jax.jit(step_fn, in_shardings=(p_sh, o_sh, w_sh, b_sh), out_shardings=(p_sh, o_sh, None),
                               donate_argnums=(0, 1))
-    return compiled[key](params, opt_state, base_weights, jax.device_put(batch, b_sh))
+      if jax.process_count() > 1:  # compile, then start together: gloo wants all processes at a first run in 30 s
+        compiled[key] = compiled[key].lower(params, opt_state, base_weights, batch).compile()
+        distributed.barrier("step compiled")
+    return compiled[key](params, opt_state, base_weights, batch)
 
   # ---- Restore -------------------------------------------------------------------------------------------
   log_path = workdir / "metrics.jsonl"
+  distributed.barrier("checkpoint manager")  # Orbax's first barriers are collectives (see distributed.barrier)
   manager = ocp.CheckpointManager(
       (workdir / "checkpoints").absolute(), item_names=("state", "meta"),
       options=ocp.CheckpointManagerOptions(max_to_keep=tcfg.keep_checkpoints, enable_async_checkpointing=True))
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_to_tree(params, opt_state, 0))
-  restored = _restore(manager, abstract, run_meta, tcfg.allow_config_change)
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_to_tree(params, opt_state, 0, mesh))
+  main = distributed.is_main_process()
+  layout = {"processes": jax.process_count(), "devices": jax.device_count(), "mesh": dict(mesh.shape)}
+  restored = _restore(manager, abstract, run_meta, tcfg.allow_config_change, layout)
   start = 0
   if restored is not None:
     nnx.replace_by_pure_dict(params, restored["params"])
@@ -136,14 +170,14 @@ def train(system, documents_for_step, tcfg: TrainConfig, loss_cfg: step_lib.Loss
     start = int(restored["step"])
     print(f"resumed from step {start}")
     for path in (log_path, workdir / "eval.jsonl"):  # steps after the checkpoint run again: drop their records
-      if path.exists():
+      if main and path.exists():
         kept = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= start]
         fileio.atomic_write_text(path, "".join(l + "\n" for l in kept))
 
   def save(step):
     manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_state_to_tree(params, opt_state, step)),
-        meta=ocp.args.JsonSave({"run": run_meta, "step": step})), force=True)
+        state=ocp.args.StandardSave(_state_to_tree(params, opt_state, step, mesh)),
+        meta=ocp.args.JsonSave({"run": run_meta, "step": step, "layout": layout})), force=True)
 
   # ---- Loop ----------------------------------------------------------------------------------------------
   # Keyed by what the teacher's numbers depend on: model, compute dtype, and the rendered prompt template.
@@ -152,13 +186,14 @@ def train(system, documents_for_step, tcfg: TrainConfig, loss_cfg: step_lib.Loss
   preemption = _Preemption()
   from tensorboardX import SummaryWriter  # local: only the trainer writes events
 
-  events = SummaryWriter(str(workdir / "tensorboard"))
+  events = SummaryWriter(str(workdir / "tensorboard")) if main else _NoEvents()
   history, nonfinite = [], 0
-  bar = tqdm.tqdm(range(start, tcfg.steps), initial=start, total=tcfg.steps, desc="train", dynamic_ncols=True)
+  bar = tqdm.tqdm(range(start, tcfg.steps), initial=start, total=tcfg.steps, desc="train", dynamic_ncols=True,
+                  disable=not main)
   try:
     for step in bar:
       t0 = time.perf_counter()
-      batch = batch_lib.build(model, documents_for_step(step), cache=cache, num_questions=num_questions)
+      batch = batch_lib.build(model, documents_for_step(step), cache=cache, num_questions=local_questions)
       params, opt_state, metrics = run_step(params, opt_state, batch)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       nonfinite = 0 if metrics["finite"] else nonfinite + 1
@@ -166,9 +201,10 @@ def train(system, documents_for_step, tcfg: TrainConfig, loss_cfg: step_lib.Loss
         raise UserError(f"{nonfinite} consecutive steps with a non-finite loss (last at step {step}); "
                         "lower the learning rate or check the data")
       record = {"step": step + 1, **metrics, "step_time_s": time.perf_counter() - t0,
-                "tokens_per_s": float(batch["s_mask"].sum() + batch["doc_mask"].sum()) / (time.perf_counter() - t0)}
+                "tokens_per_s": distributed.process_sum(batch["s_mask"].sum() + batch["doc_mask"].sum())
+                                / (time.perf_counter() - t0)}
       history.append(record)
-      if (step + 1) % log_every == 0:
+      if main and (step + 1) % log_every == 0:
         with open(log_path, "a", encoding="utf-8") as f:
           f.write(json.dumps(record) + "\n")
         for key, value in record.items():
@@ -176,15 +212,18 @@ def train(system, documents_for_step, tcfg: TrainConfig, loss_cfg: step_lib.Loss
             events.add_scalar(f"train/{key}", value, step + 1)
       bar.set_postfix(loss=f"{metrics['loss']:.3f}", kd=f"{metrics['kd']:.3f}", top1=f"{metrics['route_top1']:.2f}")
       done = step + 1
-      stopping = preemption.requested  # read once: a signal arriving later is honoured after the next step
+      # read once, agreed by all processes: a signal arriving later is honoured after the next step
+      stopping = distributed.any_process(preemption.requested)
       if stopping or done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
         save(done)
       if stopping:
         print(f"SIGTERM: saved step {done}; exiting")
         break
       if eval_fn is not None and tcfg.eval_every and done % tcfg.eval_every == 0:
-        compiler, router = nnx.merge(graphdef, jax.tree.map(jnp.copy, params))
+        compiler, router = nnx.merge(graphdef, jax.tree.map(jnp.copy, distributed.host_local(params)))
         result = {"step": done, **{k: float(v) for k, v in eval_fn(compiler, router).items()}}
+        if not main:  # every process evaluated (the same numbers); process 0 writes them
+          continue
         with open(workdir / "eval.jsonl", "a", encoding="utf-8") as f:
           f.write(json.dumps(result) + "\n")
         for key, value in result.items():
@@ -197,5 +236,5 @@ def train(system, documents_for_step, tcfg: TrainConfig, loss_cfg: step_lib.Loss
     manager.close()
     preemption.restore()
     bar.close()
-  nnx.update((system.compiler, system.router), params)
+  nnx.update((system.compiler, system.router), distributed.host_local(params))  # process-local on P processes
   return history
