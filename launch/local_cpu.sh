@@ -34,22 +34,9 @@ environment: VENV (virtualenv, default .venv); XLA_FLAGS is kept, its device cou
 Exit status: 0 when every process exits 0, else the first failure's status (130 after Ctrl-C).
 EOF
 }
-die() { echo "$me: error: $*" >&2; echo "run 'bash $me --help' for usage" >&2; exit 2; }
-
-# Shell-quotes one word for printing: bare when that is safe, else in single quotes.
-quote() {
-  if [[ $1 =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then printf '%s' "$1"; else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
-}
-quote_words() {
-  local sep="" word
-  for word in "$@"; do printf '%s' "$sep"; quote "$word"; sep=" "; done
-  printf '\n'
-}
-take() {
-  if [[ $1 == --*=* ]]; then val=${1#*=}; used=1
-  elif [ $# -ge 2 ] && [[ $2 != --* ]]; then val=$2; used=2
-  else die "$1 needs a value"; fi
-}
+# die, quote, quote_words, take: shared with the other launchers.
+# shellcheck source=launch/_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 config="" workdir="" devices=8 processes=1 port="" dry_run=0
 extra=()

@@ -48,23 +48,9 @@ environment: LIBTPU_INIT_ARGS, when set here, is exported on every worker for th
 Rerunning the same command resumes the run from its newest checkpoint in --workdir.
 EOF
 }
-die() { echo "$me: error: $*" >&2; echo "run 'bash $me --help' for usage" >&2; exit 2; }
-
-# Shell-quotes one word for printing: bare when that is safe, else in single quotes.
-quote() {
-  if [[ $1 =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then printf '%s' "$1"; else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
-}
-quote_words() {
-  local sep="" word
-  for word in "$@"; do printf '%s' "$sep"; quote "$word"; sep=" "; done
-  printf '\n'
-}
-# take OPTION [VALUE]: the value of `--opt=value` or `--opt value` in $val, the words consumed in $used.
-take() {
-  if [[ $1 == --*=* ]]; then val=${1#*=}; used=1
-  elif [ $# -ge 2 ] && [[ $2 != --* ]]; then val=$2; used=2
-  else die "$1 needs a value"; fi
-}
+# die, quote, quote_words, take: shared with the other launchers.
+# shellcheck source=launch/_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 tpu="" zone="" project="" workdir="" config="" remote_dir="doc2atom_jax" python="" apt_python=0 reinstall=0
 skip_copy=0 detach=0 internal_ip=0 dry_run=0
