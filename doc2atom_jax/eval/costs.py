@@ -75,8 +75,8 @@ def mean_bytes(per_document: Sequence[Mapping[str, int]]) -> dict[str, int]:
   return {f: int(round(np.mean([d[f] for d in per_document if f in d]))) for f in forms}
 
 
-def median_seconds(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
-  """Median wall time of `fn()` (its result blocked on) over `repeats` runs after `warmup` untimed runs."""
+def timed_runs(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> list[float]:
+  """Wall times of `repeats` runs of `fn()` (its result blocked on) after `warmup` untimed runs."""
   for _ in range(warmup):
     jax.block_until_ready(fn())
   times = []
@@ -84,7 +84,12 @@ def median_seconds(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) 
     start = time.perf_counter()
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return times
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
+  """Median wall time of `fn()` over `repeats` runs after `warmup` untimed runs."""
+  return statistics.median(timed_runs(fn, repeats, warmup))
 
 
 def assemble(bytes_per_document: Mapping[str, dict], internalize: Mapping[int, Mapping[str, float]],
