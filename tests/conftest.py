@@ -1,5 +1,6 @@
 """Test setup: 8 simulated CPU devices and the persistent compilation cache, before jax is imported."""
 
+import gc
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -20,3 +21,14 @@ def smollm2():
   from doc2atom_jax import models
 
   return models.load("smollm2-135m-instruct")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_functions():
+  """Drops jax's in-memory caches after each test module. Every compiled CPU executable keeps its own memory
+  mappings, and one pytest process compiles a few thousand functions: the whole suite in one process aborted
+  inside XLA's compiler (a C++ abort, no Python error) once it neared the kernel's map limit (65,530 here),
+  while each file alone passed. Recompiling across modules is cheap: the persistent cache holds them."""
+  yield
+  jax.clear_caches()
+  gc.collect()
