@@ -58,6 +58,10 @@ class DecoderConfig:
   dtype: str = "float32"  # compute dtype: float32 on CPU, bfloat16 on accelerators
   param_dtype: str = "float32"
   scan_layers: bool = False
+  # Cache-free passes longer than this many tokens attend in causal query blocks of this size
+  # (attention.attend_causal_blocks: no [T, T] scores, the upper triangle skipped); 0 = one dense block.
+  attention_block: int = 512
+  remat: str = "none"  # recompute each layer in the backward pass: none | full | dots (REMAT_POLICIES)
 
   @property
   def family(self) -> str:

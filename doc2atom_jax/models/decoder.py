@@ -115,6 +115,15 @@ class KVCache(NamedTuple):
   length: jax.Array  # [] int32, slots filled so far (shared by the batch: prompts are left-padded)
 
 
+def _fresh_cache(cfg: DecoderConfig, kvs, positions, mask, slots: int) -> KVCache:
+  """A cache of `slots` slots whose first T hold one pass's keys and values [L, B, T, kv, hd] (a prefill)."""
+  length = positions.shape[1]
+  extra = slots - length
+  pad = lambda x: jnp.pad(x.astype(jnp.dtype(cfg.dtype)), ((0, 0), (0, 0), (0, extra), (0, 0), (0, 0)))
+  return KVCache(pad(kvs[0]), pad(kvs[1]), jnp.pad(positions.astype(jnp.int32), ((0, 0), (0, extra))),
+                 jnp.pad(mask, ((0, 0), (0, extra))), jnp.asarray(length, jnp.int32))
+
+
 def init_cache(cfg: DecoderConfig, batch: int, max_len: int, dtype=None) -> KVCache:
   shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
   dtype = dtype or jnp.dtype(cfg.dtype)
@@ -149,10 +158,13 @@ def _pick(flag, if_true, if_false):
   return jax.tree.map(lambda a, b: jnp.where(flag, a, b), if_true, if_false)
 
 
-def _layer(cfg, w, h, *, is_sliding, tables, lora, scale, cache_kv, cache_index):
-  """One decoder block. tables = ((cos, sin, visible) for full layers, the same for sliding layers)."""
+def _layer(cfg, w, h, *, is_sliding, tables, lora, scale, cache_kv, cache_index, blocks):
+  """One decoder block. tables = ((cos, sin, visible) for full layers, the same for sliding layers); visible
+  is None when `blocks` = (positions, valid) asks for causal query blocks. Returns (h, kv): kv is the updated
+  cache slice with a cache, this layer's new (k, v) when `cache_kv` is "collect", else None."""
   batch, length, _ = h.shape
   cos, sin, visible = _pick(is_sliding, tables[1], tables[0])
+  collect = isinstance(cache_kv, str)
   proj = lambda x, name: adapter_lib.project(x, w[name], w.get(name + "_bias"), name, lora, scale)
 
   x = rms_norm(h, w["attn_norm"], cfg)
@@ -162,12 +174,19 @@ def _layer(cfg, w, h, *, is_sliding, tables, lora, scale, cache_kv, cache_index)
   if cfg.qk_norm:
     q, k = rms_norm(q, w["q_norm"], cfg), rms_norm(k, w["k_norm"], cfg)
   q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
-  if cache_kv is not None:
+  if collect:
+    cache_kv = (k, v)
+  elif cache_kv is not None:
     start = (0, cache_index, 0, 0)
     cache_kv = (jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), start),
                 jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), start))
     k, v = cache_kv[0].astype(q.dtype), cache_kv[1].astype(q.dtype)
-  o = attention.attend(q, k, v, visible, scale=cfg.attn_scale, softcap=cfg.attn_softcap)
+  if blocks is not None:
+    window = cfg.sliding_window if cfg.has_sliding_layers else None
+    o = attention.attend_causal_blocks(q, k, v, *blocks, window, is_sliding, scale=cfg.attn_scale,
+                                       softcap=cfg.attn_softcap, block=cfg.attention_block)
+  else:
+    o = attention.attend(q, k, v, visible, scale=cfg.attn_scale, softcap=cfg.attn_softcap)
   o = proj(o.reshape(batch, length, cfg.num_heads * cfg.head_dim), "o")
   if cfg.post_norms:
     o = rms_norm(o, w["post_attn_norm"], cfg)
@@ -204,16 +223,32 @@ def default_positions(attention_mask, start=None):
   return jnp.maximum(pos, 0)
 
 
+REMAT_POLICIES = {"none": None, "full": "nothing_saveable", "dots": "dots_with_no_batch_dims_saveable"}
+
+
+def _remat(fn, cfg: DecoderConfig):
+  """The layer function under `jax.checkpoint` with the config's policy (what the backward pass may keep)."""
+  if cfg.remat not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat policy {cfg.remat!r}; valid: {', '.join(REMAT_POLICIES)}")
+  policy = REMAT_POLICIES[cfg.remat]
+  return fn if policy is None else jax.checkpoint(fn, policy=getattr(jax.checkpoint_policies, policy))
+
+
 def forward(weights: dict, cfg: DecoderConfig, tokens, *, attention_mask=None, positions=None,
-            adapter: adapter_lib.Adapter | None = None, cache: KVCache | None = None,
+            adapter: adapter_lib.Adapter | None = None, cache: KVCache | None = None, new_cache_slots: int = 0,
             return_hidden_states: bool = False, compute_logits: bool = True) -> DecoderOutput:
   """Runs the decoder on tokens [B, T].
 
   attention_mask [B, T] marks real tokens (1) vs padding (0); positions default to the count of real
   tokens before each one (after what the cache holds). With a cache, the T new tokens are written at slot
-  `cache.length` and attend to everything cached before them.
+  `cache.length` and attend to everything cached before them. Without one, `new_cache_slots` ≥ T returns a
+  fresh cache of that many slots holding this pass (a prefill: the pass runs cache-free, so long prompts
+  get the blocked causal attention; slots after T are free for decoding).
   """
   batch, length = tokens.shape
+  if new_cache_slots and (cache is not None or new_cache_slots < length):
+    raise ValueError(f"new_cache_slots={new_cache_slots} needs no cache and at least the {length} tokens")
+  blocked = (cache is None and positions is None and 0 < cfg.attention_block < length)
   if attention_mask is None:
     attention_mask = jnp.ones((batch, length), bool)
   attention_mask = attention_mask.astype(bool)
@@ -234,21 +269,27 @@ def forward(weights: dict, cfg: DecoderConfig, tokens, *, attention_mask=None, p
 
   def tables(spec, window):
     cos, sin = rope.cos_sin(spec, cfg.head_dim, positions)
-    return cos, sin, attention.visibility(positions, k_positions, k_valid, window)
+    return cos, sin, None if blocked else attention.visibility(positions, k_positions, k_valid, window)
 
   full = tables(cfg.rope_full, None)
   sliding = tables(cfg.rope_sliding, cfg.sliding_window) if cfg.has_sliding_layers else full
   is_sliding = np.array([t == "sliding_attention" for t in cfg.layer_types]) & cfg.has_sliding_layers
   loras = adapter_lib.layer_major(adapter)
   scale = adapter.scale if adapter is not None else None
-  layer_kw = dict(tables=(full, sliding), scale=scale, cache_index=index)
+  layer_kw = dict(tables=(full, sliding), scale=scale, cache_index=index,
+                  blocks=(positions, attention_mask) if blocked else None)
+  collect = "collect" if new_cache_slots else None
+
+  def layer(w, h, flag, lora, kv):  # arrays only in the signature: what jax.checkpoint differentiates
+    return _layer(cfg, w, h, is_sliding=flag, lora=lora, cache_kv=collect if kv is None else kv, **layer_kw)
 
   h = embed_tokens(weights, cfg, tokens)
   if cfg.scan_layers:
+    layer = _remat(layer, cfg)
+
     def body(h, xs):
-      w, flag, lora, kv = xs
-      new_h, kv = _layer(cfg, w, h, is_sliding=flag, lora=lora, cache_kv=kv, **layer_kw)
-      return new_h, (h, kv)
+      new_h, kv = layer(h=h, **dict(zip(("w", "flag", "lora", "kv"), xs)))
+      return new_h, (h if return_hidden_states else None, kv)
     kvs = (cache.k, cache.v) if cache is not None else None
     h, (inputs, kvs) = jax.lax.scan(body, h, (weights["layers"], jnp.asarray(is_sliding), loras, kvs))
   else:
@@ -257,18 +298,21 @@ def forward(weights: dict, cfg: DecoderConfig, tokens, *, attention_mask=None, p
       take = lambda tree: jax.tree.map(lambda x: x[i], tree)
       kv = (cache.k[i], cache.v[i]) if cache is not None else None
       inputs.append(h)
-      h, kv = _layer(cfg, take(weights["layers"]), h, is_sliding=bool(is_sliding[i]), lora=take(loras),
-                     cache_kv=kv, **layer_kw)
+      flag = bool(is_sliding[i])
+      h, kv = _remat(lambda w, h, lora, kv, flag=flag: layer(w, h, flag, lora, kv), cfg)(
+          take(weights["layers"]), h, take(loras), kv)
       if kv is not None:
         ks.append(kv[0])
         vs.append(kv[1])
     inputs = jnp.stack(inputs) if return_hidden_states else None
-    kvs = (jnp.stack(ks), jnp.stack(vs)) if cache is not None else None
+    kvs = (jnp.stack(ks), jnp.stack(vs)) if ks else None
 
   hidden = rms_norm(h, weights["final_norm"], cfg)
   new_cache = None
   if cache is not None:
     new_cache = KVCache(kvs[0], kvs[1], k_positions, k_valid, cache.length + length)
+  elif new_cache_slots:
+    new_cache = _fresh_cache(cfg, kvs, positions, attention_mask, new_cache_slots)
   return DecoderOutput(
       logits=logits_from_hidden(weights, cfg, hidden) if compute_logits else None,
       hidden=hidden,

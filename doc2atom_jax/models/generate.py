@@ -96,12 +96,14 @@ def generate_tokens(weights, cfg, tokens, mask, stop_ids, rng, temperature, top_
   """Left-padded prompts [B, T] -> (new tokens [B, max_new_tokens], number generated per row [B]).
 
   A row stops after emitting a token in `stop_ids` (that token is included in the count; later slots hold
-  the pad value -1). The loop exits early once every row has stopped.
+  the pad value -1). The loop exits early once every row has stopped. The prompt is one cache-free pass
+  (blocked causal attention when long) that fills the cache; only its last position is projected to the
+  vocabulary (the prompt's other logits would cost ~2·T·d·V FLOPs and a [B, T, V] array for nothing).
   """
-  batch, length = tokens.shape
-  cache = decoder_lib.init_cache(cfg, batch, length + max_new_tokens)
-  out = decoder_lib.forward(weights, cfg, tokens, attention_mask=mask, adapter=adapter, cache=cache)
-  return _decode(weights, cfg, out.logits[:, -1], out.cache, stop_ids, rng, temperature, top_p, adapter,
+  out = decoder_lib.forward(weights, cfg, tokens, attention_mask=mask, adapter=adapter,
+                            new_cache_slots=tokens.shape[1] + max_new_tokens, compute_logits=False)
+  first_logits = decoder_lib.logits_from_hidden(weights, cfg, out.hidden[:, -1])  # the last position only
+  return _decode(weights, cfg, first_logits, out.cache, stop_ids, rng, temperature, top_p, adapter,
                  max_new_tokens, greedy)
 
 
@@ -111,8 +113,8 @@ def prefill_prefix(weights, cfg, tokens, mask) -> decoder_lib.KVCache:
 
   No logits: a prefix is always continued by a suffix, whose last token gives the first answer step.
   """
-  cache = decoder_lib.init_cache(cfg, tokens.shape[0], tokens.shape[1])
-  return decoder_lib.forward(weights, cfg, tokens, attention_mask=mask, cache=cache, compute_logits=False).cache
+  return decoder_lib.forward(weights, cfg, tokens, attention_mask=mask, new_cache_slots=tokens.shape[1],
+                             compute_logits=False).cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy"))
