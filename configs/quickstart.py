@@ -40,6 +40,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.name = "smollm2-135m-instruct"  # or gemma3-270m, hf:<folder>, tiny-random-<family>
   c.model.dtype = "float32"  # compute dtype: float32 on CPU (no bf16 units), bfloat16 on accelerators
   c.model.scan_layers = False
+  c.model.attention_block = 512  # passes over more tokens attend in causal blocks of this many queries; 0 = dense
+  c.model.remat = "none"  # none | full | dots: recompute each base-model layer in the backward pass (memory)
 
   # Multi-process (multi-host) jobs (doc2atom_jax/distributed.py); one process needs none of this.
   # DOC2ATOM_DISTRIBUTED=1 / 0 in the environment forces initialize on / off.
@@ -71,8 +73,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.atoms.chunk_tokens = 0  # d2l: tokens per chunk; 0 = the whole document
   c.atoms.k = 4
   c.atoms.normalization = "softmax"  # softmax | sigmoid | softmax_k
+  c.atoms.route_approx = False  # answer-time top-k by jax.lax.approx_max_k (approximate on TPU; exact on CPU/GPU)
   c.atoms.max_chunk_tokens = 0  # encode long documents in chunks of this many tokens; 0 = the model's context
-  c.atoms.code_dtype = "bfloat16"  # storage of codes in banks
+  c.atoms.code_dtype = "bfloat16"  # storage of codes in banks: bfloat16 | float32 | int8 (absmax per atom and layer)
+  c.atoms.key_dtype = "float32"  # storage of routing keys in banks: float32 | bfloat16
+  # d2l / d2l_atom training: gather (per question) | grouped (ragged_dot, per document) | auto (grouped off CPU)
+  c.atoms.compose_form = "auto"
 
   # The compiler (hypernetwork) and router; CPU-sized trunk.
   c.compiler = ml_collections.ConfigDict()
@@ -114,6 +120,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict()
   c.loss.kd, c.loss.ce, c.loss.route, c.loss.atom, c.loss.null = 1.0, 0.1, 1.0, 1.0, 1.0
   c.loss.type, c.loss.l1, c.loss.orth = 0.1, 0.1, 0.01
+  c.loss.vocab_chunk = 0  # >0: student log-probs over the vocabulary in chunks of this many ids (no [B, A, V] logits)
   c.data = ml_collections.ConfigDict()
   # tfds: synthetic array_record corpus read through tfds.data_source + grain; generator: synthetic, by index;
   # qa: qa_files + self_gen prepared as a LocalQAJsonl dataset, read like tfds (doc2atom_jax/train/data.py).

@@ -10,8 +10,11 @@ from doc2atom_jax.data import prompts
 from doc2atom_jax.errors import UserError
 
 
-def load_model(config) -> models.BaseModel:
-  return models.load(config.model.name, dtype=config.model.dtype, scan_layers=config.model.scan_layers)
+def load_model(config, scan_layers: bool = False) -> models.BaseModel:
+  """The run's base model with its `config.model` settings (`scan_layers` True forces the scanned stack)."""
+  m = config.model
+  return models.load(m.name, dtype=m.dtype, scan_layers=bool(m.scan_layers or scan_layers),
+                     attention_block=m.get("attention_block", 512), remat=m.get("remat", "none"))
 
 
 def generate(config, workdir: pathlib.Path | None) -> list[dict]:
@@ -84,7 +87,8 @@ def build_system(config, model=None, params: str | None = None):
   method = pipeline.MethodConfig(
       method=config.atoms.method, min_atom_tokens=config.atoms.min_atom_tokens,
       max_atom_tokens=config.atoms.max_atom_tokens, chunk_tokens=config.atoms.chunk_tokens, k=config.atoms.k,
-      normalization=config.atoms.normalization, max_chunk_tokens=config.atoms.max_chunk_tokens)
+      normalization=config.atoms.normalization, max_chunk_tokens=config.atoms.max_chunk_tokens,
+      route_approx=bool(config.atoms.get("route_approx", False)))
   model = model or load_model(config)
   c = config.compiler
   try:
@@ -149,6 +153,7 @@ def compile_documents(config, workdir: pathlib.Path | None) -> pathlib.Path:
     system.split(text, doc_id)
   if not (path / "manifest.json").exists():
     bank_lib.create(path, fingerprint=system.fingerprint, code_dtype=config.atoms.code_dtype,
+                    key_dtype=config.atoms.get("key_dtype", "float32"),
                     meta={"method": config.atoms.method, "model": system.model.name, "config": config.to_dict()})
   total, start = 0, time.perf_counter()
   for doc_id, text in documents:
@@ -224,6 +229,7 @@ def train(config, workdir: pathlib.Path | None):
                            "plan", "distributed")}
   run_meta["train"] = {k: v for k, v in run_meta["train"].items()
                        if k not in ("steps", "allow_config_change", "eval_every")}
+  run_meta = trainer.comparable_meta(run_meta)
   run_meta = json.loads(json.dumps(run_meta, default=list))
   heldout = data_lib.heldout_documents(config, config.eval.documents) if config.eval.documents else []
   untrained = _untrained_results(system, heldout, workdir, run_meta) if heldout else None
@@ -374,7 +380,8 @@ def export(config, workdir: pathlib.Path | None) -> dict:
       from doc2atom_jax.eval import quick
 
       compiled = system.compile_document(document, e.doc_id or "document")
-      bank = quick.in_memory_bank([compiled], code_dtype=config.atoms.code_dtype)  # as compile -> ask sees it
+      bank = quick.in_memory_bank([compiled], code_dtype=config.atoms.code_dtype,  # as compile -> ask sees it
+                                  key_dtype=config.atoms.get("key_dtype", "float32"))
     doc_id = (e.doc_id or "document") if document else (e.doc_id or None)
     indices, weights, abstain = system.select(bank, [question], doc_id)
     adapter = system.adapter(bank, indices, weights)

@@ -4,21 +4,29 @@ A bank stores, per document, its atoms' codes (the compiler's output, turned int
 linear head later), keys (routing vectors), types and provenance. Nothing here is specific to doc2atom:
 a Doc-to-LoRA chunk is an "atom" with a larger rank.
 
-Format (version 1), a directory:
+Format (version 1 or 2), a directory:
 
-  manifest.json        {"format": "doc2atom-atom-bank", "format_version": 1, "fingerprint", "meta",
-                        "code_dtype": "bfloat16" | "float32", "code_shape": [L, n_t, r, c] | null,
+  manifest.json        {"format": "doc2atom-atom-bank", "format_version": 1 | 2, "fingerprint", "meta",
+                        "code_dtype": "bfloat16" | "float32" | "int8" (2), "key_dtype": "float32" |
+                        "bfloat16" (2 only; absent = "float32"), "code_shape": [L, n_t, r, c] | null,
                         "key_dim": d_k | null, "atom_types": [...], "num_atoms",
                         "documents": [{"doc_id", "shard", "num_atoms", "bytes", "sha256"}, ...],
                         "checksum": sha256 of the canonical JSON of everything else}
   shards/000042.safetensors
                        one per document; tensors "codes" [n, L, n_t, r, c] (bfloat16 stored as its uint16
-                       bit pattern, since safetensors' numpy loader cannot read BF16; or float32),
-                       "keys" [n, d_k] float32, "types" [n] int32 (indices into "atom_types");
-                       string metadata: format, format_version, doc_id, code_dtype, text (the document)
-                       and atoms (JSON list of {index, type, char_start, char_end, token_start,
-                       token_end}; an atom's text is the document slice, checked on append).
+                       bit pattern, since safetensors' numpy loader cannot read BF16; or float32; or int8,
+                       with "code_scales" [n, L] float32: symmetric absmax quantization per (atom, layer),
+                       code = int8 * scale, scale = max |code| / 127 over the layer's n_t·r·c entries,
+                       0 for an all-zero layer), "keys" [n, d_k] (float32, or bfloat16 as uint16 bits),
+                       "types" [n] int32 (indices into "atom_types");
+                       string metadata: format, format_version, doc_id, code_dtype, key_dtype (2 only),
+                       text (the document) and atoms (JSON list of {index, type, char_start, char_end,
+                       token_start, token_end}; an atom's text is the document slice, checked on append).
   .lock                flock'ed by appenders, so two writers cannot interleave.
+
+A bank is written as version 1 (byte for byte what older programs write and read) unless it uses int8 codes
+or bfloat16 keys, which need version 2: an older program then refuses the bank by its version instead of
+misreading int8 codes or bfloat16 key bits. Codes and keys load as float32 whatever their storage.
 
 `code_shape` and `key_dim` are fixed by the first document appended. Appending writes the new shards
 atomically (temp + fsync + rename), fsyncs the directory, then replaces the manifest atomically: a crash in
@@ -45,13 +53,16 @@ from doc2atom_jax import fileio
 from doc2atom_jax.atoms import atomize
 from doc2atom_jax.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this program reads and writes (version 1 banks are still written)
 FORMAT_NAME = "doc2atom-atom-bank"
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
 LOCK = ".lock"
-CODE_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
-_STORED_AS = {"bfloat16": np.uint16, "float32": np.float32}  # the bit pattern written to the shard
+CODE_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "int8": np.int8}
+KEY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+_STORED_AS = {"bfloat16": np.uint16, "float32": np.float32, "int8": np.int8}  # the array written to the shard
+INT8_MAX = 127  # int8 codes are symmetric: -127..127
+SCALE_BYTES = 4  # int8 codes: one float32 scale per (atom, layer)
 _FIRST_BUCKET = 64
 _BUCKET_GROWTH = 4
 
@@ -79,7 +90,8 @@ class AtomBank:
   types: np.ndarray  # [N] int32, indices into atomize.ATOM_TYPES
   atoms: list  # list[atomize.Atom], N entries
   texts: dict[str, str]  # doc_id -> document text
-  code_dtype: str  # how the codes are stored ("bfloat16" or "float32")
+  code_dtype: str  # how the codes are stored ("bfloat16", "float32" or "int8")
+  key_dtype: str = "float32"  # how the keys are stored ("float32" or "bfloat16")
   _padded: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # bucket -> padded arrays
 
   def __len__(self) -> int:
@@ -124,33 +136,79 @@ def bucket_size(n: int, bucket_sizes: Sequence[int] | None = None) -> int:
   return min(fitting)
 
 
-def bytes_per_atom(codes_shape: Sequence[int], code_dtype: str = "bfloat16", *, key_dim: int = 0) -> int:
-  """Storage bytes of one atom's codes (plus its float32 key if `key_dim`), for memory accounting.
+def bytes_per_atom(codes_shape: Sequence[int], code_dtype: str = "bfloat16", *, key_dim: int = 0,
+                   key_dtype: str = "float32") -> int:
+  """Storage bytes of one atom's codes (int8: with their per-layer float32 scales), plus its key if
+  `key_dim`, as the shard's tensors hold them.
 
   `codes_shape` is (L, n_t, r, c) or a whole codes shape (n, L, n_t, r, c).
   """
   if len(codes_shape) not in (4, 5):
     raise ValueError(f"expected (L, n_t, r, c) or (n, L, n_t, r, c), got {tuple(codes_shape)}")
   per_atom = codes_shape[-4:]
-  return math.prod(per_atom) * np.dtype(_code_dtype(code_dtype)).itemsize + 4 * key_dim
+  codes = math.prod(per_atom) * np.dtype(_code_dtype(code_dtype)).itemsize
+  scales = per_atom[0] * SCALE_BYTES if code_dtype == "int8" else 0
+  return codes + scales + key_dim * np.dtype(_key_dtype(key_dtype)).itemsize
+
+
+def quantize_int8(codes) -> tuple[np.ndarray, np.ndarray]:
+  """float codes [..., L, n_t, r, c] -> (int8 codes, float32 scales [..., L]): symmetric absmax per layer.
+
+  scale = max |x| / 127 over the layer's n_t·r·c entries (0 for an all-zero layer); q = round(x / scale), so
+  |q · scale - x| <= scale / 2 elementwise (up to float32 rounding of the product).
+  """
+  x = np.asarray(codes, np.float32)
+  absmax = np.max(np.abs(x), axis=(-3, -2, -1)) if x.size else np.zeros(x.shape[:-3], np.float32)
+  scales = (absmax.astype(np.float64) / INT8_MAX).astype(np.float32)
+  # An absmax below 127 · 2^-149 underflows to a zero scale: use the smallest positive float32 instead.
+  scales = np.where((absmax > 0) & (scales == 0), np.finfo(np.float32).smallest_subnormal, scales)
+  safe = np.where(scales > 0, scales, 1).astype(np.float64)[..., None, None, None]
+  q = np.clip(np.rint(x / safe), -INT8_MAX, INT8_MAX).astype(np.int8)  # float64: no overflow near float32 max
+  return q, scales
+
+
+def dequantize_int8(q, scales) -> np.ndarray:
+  """int8 codes [..., L, n_t, r, c] and float32 scales [..., L] -> float32 codes."""
+  return np.asarray(q, np.float32) * np.asarray(scales, np.float32)[..., None, None, None]
+
+
+def stored_codes(codes, code_dtype: str) -> np.ndarray:
+  """float32 codes as a bank stored as `code_dtype` returns them (rounded or quantized, back in float32)."""
+  _code_dtype(code_dtype)
+  if code_dtype == "int8":
+    return dequantize_int8(*quantize_int8(codes))
+  return np.asarray(codes, np.float32).astype(CODE_DTYPES[code_dtype]).astype(np.float32)
+
+
+def stored_keys(keys, key_dtype: str = "float32") -> np.ndarray:
+  """float32 keys as a bank stored with `key_dtype` returns them."""
+  return np.asarray(keys, np.float32).astype(_key_dtype(key_dtype)).astype(np.float32)
+
+
+def format_version(code_dtype: str, key_dtype: str = "float32") -> int:
+  """The format version a bank of these dtypes is written as: 1 unless it needs version 2's int8 or bf16 keys."""
+  return 1 if code_dtype in ("bfloat16", "float32") and key_dtype == "float32" else 2
 
 
 # --------------------------------------------------------------------------------------------------------
 # Public operations.
 
 
-def create(path, *, fingerprint: str, meta: dict, code_dtype: str = "bfloat16") -> None:
+def create(path, *, fingerprint: str, meta: dict, code_dtype: str = "bfloat16", key_dtype: str = "float32") -> None:
   """Makes a new, empty bank at `path`; an existing bank (or any non-empty directory) is a UserError."""
   path = pathlib.Path(path).expanduser()
   _code_dtype(code_dtype)
+  _key_dtype(key_dtype)
   if not isinstance(fingerprint, str) or not fingerprint:
     raise UserError("an atom bank needs a non-empty fingerprint string (base model + compiler + config)")
   if (path / MANIFEST).exists():
     raise UserError(f"an atom bank already exists at {path}; choose another path or delete it first")
   if path.exists() and (not path.is_dir() or any(path.iterdir())):
     raise UserError(f"{path} exists and is not an empty directory; choose another path for the atom bank")
-  manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "fingerprint": fingerprint,
-              "meta": _json_roundtrip(meta, "bank metadata"), "code_dtype": code_dtype, "code_shape": None,
+  version = format_version(code_dtype, key_dtype)
+  manifest = {"format": FORMAT_NAME, "format_version": version, "fingerprint": fingerprint,
+              "meta": _json_roundtrip(meta, "bank metadata"), "code_dtype": code_dtype,
+              **({"key_dtype": key_dtype} if version >= 2 else {}), "code_shape": None,
               "key_dim": None, "atom_types": list(atomize.ATOM_TYPES), "num_atoms": 0, "documents": []}
   (path / SHARD_DIR).mkdir(parents=True, exist_ok=True)
   (path / LOCK).touch()
@@ -178,7 +236,7 @@ def append_many(path, documents: Iterable[BankDocument], *, fingerprint: str) ->
     if not documents:
       return
     _remove_orphans(path, manifest)
-    entries = [_write_shard(path, len(manifest["documents"]) + i, doc, manifest["code_dtype"])
+    entries = [_write_shard(path, len(manifest["documents"]) + i, doc, manifest)
                for i, doc in enumerate(documents)]
     _fsync_dir(path / SHARD_DIR)
     _write_manifest(path, _with_documents(manifest, documents, entries))
@@ -206,7 +264,7 @@ def load(path, *, fingerprint: str | None = None) -> AtomBank:
     codes[rows], keys[rows], texts[doc.doc_id] = doc.codes, doc.keys, doc.text
     atoms.extend(doc.atoms)
   return AtomBank(path, manifest["fingerprint"], manifest["meta"], [d["doc_id"] for d in docs], offsets,
-                  codes, keys, types, atoms, texts, manifest["code_dtype"])
+                  codes, keys, types, atoms, texts, manifest["code_dtype"], _manifest_key_dtype(manifest))
 
 
 def info(path) -> dict:
@@ -217,7 +275,8 @@ def info(path) -> dict:
   shape = manifest["code_shape"]
   return {"path": str(path), "format_version": manifest["format_version"],
           "fingerprint": manifest["fingerprint"], "meta": manifest["meta"],
-          "code_dtype": manifest["code_dtype"], "code_shape": shape, "key_dim": manifest["key_dim"],
+          "code_dtype": manifest["code_dtype"], "key_dtype": _manifest_key_dtype(manifest),
+          "code_shape": shape, "key_dim": manifest["key_dim"],
           "num_documents": len(docs), "num_atoms": manifest["num_atoms"],
           "bytes": sum(d["bytes"] for d in docs),
           "bytes_per_atom": bytes_per_atom(shape, manifest["code_dtype"]) if shape else None,
@@ -279,9 +338,11 @@ def _check_fit(manifest: dict, documents: list[BankDocument]) -> None:
     if shape != code_shape or dim != key_dim:
       raise UserError(f"document {doc.doc_id!r}: codes [L, n_t, r, c] = {shape} and key size {dim} do not "
                       f"match the atom bank's {code_shape} and {key_dim}")
-    if not np.all(np.isfinite(np.asarray(doc.codes, np.float32).astype(CODE_DTYPES[manifest["code_dtype"]]))):
-      raise UserError(f"document {doc.doc_id!r}: codes overflow {manifest['code_dtype']}; "
-                      "store the bank in float32")
+    code_dtype, key_dtype = manifest["code_dtype"], _manifest_key_dtype(manifest)
+    if code_dtype != "int8" and not np.all(np.isfinite(stored_codes(doc.codes, code_dtype))):
+      raise UserError(f"document {doc.doc_id!r}: codes overflow {code_dtype}; store the bank in float32")
+    if not np.all(np.isfinite(stored_keys(doc.keys, key_dtype))):
+      raise UserError(f"document {doc.doc_id!r}: keys overflow {key_dtype}; store the keys in float32")
 
 
 def _check_fingerprint(path: pathlib.Path, bank: str, current: str) -> None:
@@ -306,23 +367,25 @@ def _shorten_pair(a: str, b: str, width: int = 32) -> tuple[str, str]:
 # Shards.
 
 
-def _write_shard(path: pathlib.Path, number: int, doc: BankDocument, code_dtype: str) -> dict:
+def _write_shard(path: pathlib.Path, number: int, doc: BankDocument, manifest: dict) -> dict:
   """Writes one document's shard atomically; returns its manifest entry."""
   name = f"{SHARD_DIR}/{number:06d}.safetensors"
-  data = _encode_shard(doc, code_dtype)
+  data = _encode_shard(doc, manifest)
   with fileio.atomic_open(path / name, "wb") as f:
     f.write(data)
   return {"doc_id": doc.doc_id, "shard": name, "num_atoms": len(doc.atoms), "bytes": len(data),
           "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def _encode_shard(doc: BankDocument, code_dtype: str) -> bytes:
-  tensors = {"codes": _stored_codes(doc.codes, code_dtype),
-             "keys": np.ascontiguousarray(doc.keys, np.float32),
+def _encode_shard(doc: BankDocument, manifest: dict) -> bytes:
+  code_dtype, key_dtype, version = manifest["code_dtype"], _manifest_key_dtype(manifest), manifest["format_version"]
+  tensors = {**_stored_codes(doc.codes, code_dtype),
+             "keys": _stored_keys(doc.keys, key_dtype),
              "types": np.array([atomize.ATOM_TYPES.index(a.type) for a in doc.atoms], np.int32)}
   atoms = [_atom_record(a) for a in doc.atoms]
-  metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "doc_id": doc.doc_id,
-              "code_dtype": code_dtype, "text": doc.text, "atoms": json.dumps(atoms, separators=(",", ":"))}
+  metadata = {"format": FORMAT_NAME, "format_version": str(version), "doc_id": doc.doc_id,
+              "code_dtype": code_dtype, **({"key_dtype": key_dtype} if version >= 2 else {}),
+              "text": doc.text, "atoms": json.dumps(atoms, separators=(",", ":"))}
   return safetensors.numpy.save(tensors, metadata=metadata)
 
 
@@ -332,10 +395,40 @@ def _atom_record(atom: atomize.Atom) -> dict:
           "char_end": int(atom.char_end), "token_start": int(atom.token_start), "token_end": int(atom.token_end)}
 
 
-def _stored_codes(codes, code_dtype: str) -> np.ndarray:
-  """float32 codes -> the array written to disk (bfloat16 as its uint16 bit pattern)."""
+def _stored_codes(codes, code_dtype: str) -> dict[str, np.ndarray]:
+  """float32 codes -> the tensors written to disk: "codes" (bfloat16 as its uint16 bit pattern; int8 with
+  "code_scales" [n, L] float32)."""
+  if code_dtype == "int8":
+    q, scales = quantize_int8(codes)
+    return {"codes": np.ascontiguousarray(q), "code_scales": np.ascontiguousarray(scales, np.float32)}
   cast = np.asarray(codes, np.float32).astype(CODE_DTYPES[code_dtype])
-  return np.ascontiguousarray(cast.view(_STORED_AS[code_dtype]))
+  return {"codes": np.ascontiguousarray(cast.view(_STORED_AS[code_dtype]))}
+
+
+def _loaded_codes(tensors: dict, code_dtype: str) -> np.ndarray:
+  """The shard's code tensors -> float32 codes (the inverse of `_stored_codes`, up to its rounding)."""
+  stored = tensors["codes"]
+  if stored.dtype != _STORED_AS[code_dtype]:
+    raise ValueError(f"codes are {stored.dtype}, expected {np.dtype(_STORED_AS[code_dtype])} for {code_dtype}")
+  if code_dtype == "int8":
+    scales = tensors["code_scales"]
+    if scales.dtype != np.float32 or scales.shape != stored.shape[:2]:
+      raise ValueError(f"code_scales are {scales.dtype} {scales.shape}, expected float32 {stored.shape[:2]}")
+    return dequantize_int8(stored, scales)
+  return stored.view(CODE_DTYPES[code_dtype]).astype(np.float32)
+
+
+def _stored_keys(keys, key_dtype: str) -> np.ndarray:
+  """float32 keys -> the array written to disk (bfloat16 as its uint16 bit pattern)."""
+  cast = np.asarray(keys, np.float32).astype(KEY_DTYPES[key_dtype])
+  return np.ascontiguousarray(cast.view(np.uint16) if key_dtype == "bfloat16" else cast)
+
+
+def _loaded_keys(stored: np.ndarray, key_dtype: str) -> np.ndarray:
+  expected = np.uint16 if key_dtype == "bfloat16" else np.float32
+  if stored.dtype != expected:
+    raise ValueError(f"keys are {stored.dtype}, expected {np.dtype(expected)} for {key_dtype}")
+  return stored.view(KEY_DTYPES[key_dtype]).astype(np.float32)
 
 
 def _read_shard(path: pathlib.Path, entry: dict, manifest: dict) -> tuple[BankDocument, np.ndarray]:
@@ -348,8 +441,10 @@ def _read_shard(path: pathlib.Path, entry: dict, manifest: dict) -> tuple[BankDo
     meta = header["__metadata__"]
     atoms = tuple(atomize.Atom(doc_id=entry["doc_id"], text=meta["text"][a["char_start"]:a["char_end"]], **a)
                   for a in json.loads(meta["atoms"]))
-    stored = tensors["codes"].view(CODE_DTYPES[meta["code_dtype"]])
-    doc = BankDocument(meta["doc_id"], meta["text"], atoms, stored.astype(np.float32), tensors["keys"])
+    code_dtype, key_dtype = meta["code_dtype"], meta.get("key_dtype", "float32")  # version 1: no key_dtype
+    _code_dtype(code_dtype), _key_dtype(key_dtype)
+    doc = BankDocument(meta["doc_id"], meta["text"], atoms, _loaded_codes(tensors, code_dtype),
+                       _loaded_keys(tensors["keys"], key_dtype))
     types = tensors["types"]
   except Exception as e:  # sha256 matched, so only a hand-made or foreign file gets here
     raise UserError(f"{file} is not a valid atom bank shard ({type(e).__name__}: {e})") from None
@@ -437,6 +532,16 @@ def _code_dtype(name: str):
   if name not in CODE_DTYPES:
     raise UserError(f"unknown code dtype {name!r}; valid: {', '.join(CODE_DTYPES)}")
   return CODE_DTYPES[name]
+
+
+def _key_dtype(name: str):
+  if name not in KEY_DTYPES:
+    raise UserError(f"unknown key dtype {name!r}; valid: {', '.join(KEY_DTYPES)}")
+  return KEY_DTYPES[name]
+
+
+def _manifest_key_dtype(manifest: dict) -> str:
+  return manifest.get("key_dtype", "float32")  # version 1 manifests have none: float32
 
 
 def _json_roundtrip(value, what: str):

@@ -7,6 +7,11 @@ adapter einsums of the atom pipeline live here, so the sharding of this step cha
 so `ΔW_l x = α Σ_i w_i B_iᵀ (A_i x)` (+ the always-on default adapter, weight 1). Examples in a batch may
 use different atoms (a per-example gather, BGMV-style). Banks are padded to size buckets, so
 `adapter_from_bank` traces once per (batch, k, bucket) and never again for new indices or documents.
+
+Where many examples share one composition (Doc-to-LoRA: every atom of the document at weight 1, the same for
+each of its questions), compose once per group instead: codes [G, k, ...], weights [G, k] and `groups` [B]
+(each example's group) give a grouped adapter (factors [G, ...], applied with `jax.lax.ragged_dot`), with
+no copy per example.
 """
 
 import functools
@@ -61,16 +66,20 @@ def compose_factors(factors, weights, default_factors=None):
   return out
 
 
-def compose(head, codes, weights, default_codes, alpha: float, targets: tuple[str, ...]) -> Adapter:
-  """Selected codes [B, k, L, n_t, r, c] with weights [B, k] (+ default codes [L, n_t, r0, c]) -> Adapter."""
+def compose(head, codes, weights, default_codes, alpha: float, targets: tuple[str, ...], groups=None) -> Adapter:
+  """Selected codes [B, k, L, n_t, r, c] with weights [B, k] (+ default codes [L, n_t, r0, c]) -> Adapter.
+
+  With `groups` [B'] (int, each example's group), the leading axis of codes and weights is the group, not
+  the example: one composition per group (e.g. per document), shared by its examples (the grouped form)."""
   default = materialize(head, default_codes) if default_codes is not None else None
   loras = compose_factors(materialize(head, codes), weights, default)
-  return Adapter(dict(zip(targets, loras)), alpha)
+  return Adapter(dict(zip(targets, loras)), alpha, groups)
 
 
 @functools.partial(jax.jit, static_argnames=("alpha", "targets"))
 def adapter_from_bank(head, bank_codes, indices, weights, null_codes, default_codes, doc_index=None, *,
-                      alpha: float, targets: tuple[str, ...]) -> Adapter:
-  """Gather + materialize + fold + concatenate, jitted: the adapter of each example's selected atoms."""
+                      alpha: float, targets: tuple[str, ...], groups=None) -> Adapter:
+  """Gather + materialize + fold + concatenate, jitted: the adapter of each example's selected atoms (or, with
+  `groups`, of each group's: indices, weights and doc_index then lead with the group)."""
   codes = gather_codes(bank_codes, indices, null_codes, doc_index)
-  return compose(head, codes, weights, default_codes, alpha, targets)
+  return compose(head, codes, weights, default_codes, alpha, targets, groups)

@@ -36,6 +36,7 @@ class MethodConfig:
   k: int = 4
   normalization: str = "softmax"
   max_chunk_tokens: int = 0  # encoding chunk for long documents; 0 = the model's context
+  route_approx: bool = False  # doc2atom's top-k by jax.lax.approx_max_k (router.top_k; approximate on TPU only)
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -137,7 +138,8 @@ class AtomSystem:
     codes, keys, mask = bank.padded()
     states, q_mask = self.question_states(questions)
     indices, weights, abstain = _route(nnx.split(self.router), states, q_mask, jnp.asarray(keys), jnp.asarray(mask),
-                                       self.compiler.null()[1], k=self.method.k, normalization=self.method.normalization)
+                                       self.compiler.null()[1], k=self.method.k, normalization=self.method.normalization,
+                                       approximate=self.method.route_approx)
     return np.asarray(indices), np.asarray(weights), np.asarray(abstain)
 
   def adapter(self, bank: bank_lib.AtomBank, indices, weights):
@@ -174,8 +176,8 @@ def _compile_atoms(split_compiler, states, idx, mask, types):
   return codes, keys
 
 
-@functools.partial(jax.jit, static_argnames=("k", "normalization"))
-def _route(split_router, states, q_mask, keys, key_mask, null_key, *, k, normalization):
+@functools.partial(jax.jit, static_argnames=("k", "normalization", "approximate"))
+def _route(split_router, states, q_mask, keys, key_mask, null_key, *, k, normalization, approximate=False):
   router = nnx.merge(*split_router)
   scores = router.scores(router.query(states, q_mask), keys, key_mask, null_key)
-  return router_lib.select(scores, k, normalization)
+  return router_lib.select(scores, k, normalization, approximate=approximate)

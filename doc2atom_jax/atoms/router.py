@@ -12,6 +12,7 @@ training, and because train and inference then compose the very same adapter. It
 number of atoms in scope (every atom is composed, most with weight 0), not with k.
 """
 
+import functools
 import math
 
 import jax
@@ -22,6 +23,7 @@ from doc2atom_jax.atoms.compiler import CompilerConfig, _l2, _param, _rms, maske
 from doc2atom_jax.atoms.compose import NULL_INDEX
 
 NORMALIZATIONS = ("softmax", "sigmoid", "softmax_k")
+RECALL_TARGET = 0.95  # approximate routing (`top_k`): the expected share of the true top k found
 
 
 class Router(nnx.Module):
@@ -69,7 +71,7 @@ def column_to_index(columns, num_atoms: int):
   return jnp.where(columns == num_atoms, NULL_INDEX, columns)
 
 
-def top_k(scores, k: int, blocks: int = 1):
+def top_k(scores, k: int, blocks: int = 1, approximate: bool = False, recall_target: float = RECALL_TARGET):
   """`jax.lax.top_k` over the last axis, computed as the top k of each of `blocks` equal blocks, then the top k
   of those candidates. Same values and indices as `jax.lax.top_k`, ties included: lax.top_k puts the lower
   index first among equals, and the candidates stay in block order, so the lower index still wins.
@@ -77,29 +79,42 @@ def top_k(scores, k: int, blocks: int = 1):
   Why: over a bank whose atom axis is sharded, each block is one device's rows: every device ranks its own
   atoms and only k candidates per block meet, instead of all N scores. Falls back to one block when the
   axis does not split into `blocks` blocks of at least k columns.
+
+  approximate: each block (or the whole axis) by `jax.lax.approx_max_k` at `recall_target` (told the whole
+  axis's size, so the target holds for the merged result); the merge of the block candidates stays exact.
+  Values come back sorted descending, each with its true column. Only TPUs approximate: on CPU and GPU jax
+  lowers approx_max_k to an exact sort-based top-k (checked on CPU: the same values and indices as
+  `lax.top_k`, ties included), so there the option changes nothing.
   """
   n = scores.shape[-1]
+  if approximate:
+    rank = functools.partial(jax.lax.approx_max_k, recall_target=recall_target, reduction_input_size_override=n)
+  else:
+    rank = jax.lax.top_k
   if blocks <= 1 or n % blocks or n // blocks < k:
-    return jax.lax.top_k(scores, k)
+    return rank(scores, k)
   size = n // blocks
   lead = scores.shape[:-1]
-  values, columns = jax.lax.top_k(scores.reshape(*lead, blocks, size), k)  # [..., blocks, k]
+  values, columns = rank(scores.reshape(*lead, blocks, size), k)  # [..., blocks, k]
   columns = (columns + (jnp.arange(blocks) * size)[:, None]).reshape(*lead, blocks * k)
   best, picked = jax.lax.top_k(values.reshape(*lead, blocks * k), k)
   return best, jnp.take_along_axis(columns, picked, axis=-1)
 
 
-def select(scores, k: int, normalization: str = "softmax", blocks: int = 1):
+def select(scores, k: int, normalization: str = "softmax", blocks: int = 1, approximate: bool = False,
+           recall_target: float = RECALL_TARGET):
   """Top-k over [B, N + 1] scores -> (indices [B, k] with NULL_INDEX for the null atom, weights [B, k],
   abstain [B]). When k exceeds the valid atoms, the extra slots get weight 0 (and index 0, harmless).
 
   blocks > 1 ranks the N atom columns in that many blocks (`top_k`; one per shard of a sharded bank), then
   merges the null column, last, as `jax.lax.top_k` over all N + 1 columns would: the result is identical.
+  approximate ranks the atom columns by `jax.lax.approx_max_k` (see `top_k`; exact except on TPU); the null
+  column is merged the same exact way, so abstention never depends on the approximation.
   """
   k = min(k, scores.shape[-1])
-  if blocks > 1:
+  if blocks > 1 or approximate:
     atoms, null = scores[..., :-1], scores[..., -1:]
-    cand, cand_cols = top_k(atoms, min(k, atoms.shape[-1]), blocks)
+    cand, cand_cols = top_k(atoms, min(k, atoms.shape[-1]), blocks, approximate, recall_target)
     merged = jnp.concatenate([cand, null], axis=-1)
     merged_cols = jnp.concatenate([cand_cols, jnp.full(null.shape, atoms.shape[-1], cand_cols.dtype)], axis=-1)
     top, picked = jax.lax.top_k(merged, k)

@@ -4,11 +4,14 @@ Bytes are formulas of the shapes, so they are exact and testable by hand; second
 few repetitions after a warm-up that absorbs compilation). Storage forms:
 - `codes`: an atom as its codes, `L·n_t·r·c` numbers (the compiler's head is linear, so this is exact);
 - `factors`: the materialized LoRA factors, `L·r·Σ_t (d_in + d_out)` numbers per atom;
-- routed methods add each atom's float32 key (`d_k` numbers) to both forms: the router needs it;
+- routed methods add each atom's key (`d_k` numbers, float32 or bfloat16: `key_dtype`) to both forms: the
+  router needs it;
 - `kv_cache`: the in-context baseline's memory, `2·L·n_kv·head_dim·T` numbers for T document tokens;
 - `keys+text`: rag_atoms keeps the keys and the document's UTF-8 text (it re-reads the text at answer time).
 Codes, factors and the KV cache are counted at the same storage dtype (bfloat16 by default), so the ratios
-compare forms, not precisions.
+compare forms, not precisions; except that codes given a bank `code_dtype` are counted as the bank stores
+them (int8: 1 byte a number plus a float32 scale per atom and layer), next to factors and a KV cache at
+`float_bytes(code_dtype)` (bfloat16's 2 bytes for int8 codes).
 """
 
 import statistics
@@ -18,7 +21,9 @@ from collections.abc import Callable, Mapping, Sequence
 import jax
 import numpy as np
 
-KEY_BYTES = 4  # keys are stored as float32 (atoms/bank.py)
+from doc2atom_jax.atoms import bank as bank_lib
+
+KEY_BYTES = 4  # keys are stored as float32 by default (atoms/bank.py; key_dtype="bfloat16": 2)
 ROUTED = ("rag_atoms", "doc2atom", "doc2atom_oracle")  # methods whose atoms carry a key
 
 
@@ -29,9 +34,20 @@ def dtype_bytes(name: str) -> int:
   return np.dtype(getattr(ml_dtypes, name, None) or name).itemsize
 
 
-def code_bytes(compiler_cfg, atoms: int, number_bytes: int = 2) -> int:
-  """Codes of `atoms` atoms: atoms · L · n_t · r · c numbers."""
+def float_bytes(code_dtype: str) -> int:
+  """Bytes per number of the float forms (factors, KV cache) counted next to codes stored as `code_dtype`:
+  its own width for a float dtype, bfloat16's 2 for int8 (quantized codes against a bfloat16 KV cache)."""
+  return 2 if code_dtype == "int8" else dtype_bytes(code_dtype)
+
+
+def code_bytes(compiler_cfg, atoms: int, number_bytes: int = 2, *, code_dtype: str | None = None) -> int:
+  """Codes of `atoms` atoms: atoms · L · n_t · r · c numbers of `number_bytes` each; or, given a bank
+  `code_dtype` (which then replaces `number_bytes`), the bytes the bank stores (int8: 1 a number + 4 per
+  atom and layer for its scale; atoms/bank.py `bytes_per_atom`)."""
   c = compiler_cfg
+  shape = (c.num_layers, c.num_targets, c.rank, c.code_dim)
+  if code_dtype is not None:
+    return atoms * bank_lib.bytes_per_atom(shape, code_dtype)
   return atoms * c.num_layers * c.num_targets * c.rank * c.code_dim * number_bytes
 
 
@@ -41,8 +57,9 @@ def factor_bytes(compiler_cfg, atoms: int, number_bytes: int = 2) -> int:
   return atoms * c.num_layers * c.rank * sum(d_in + d_out for d_in, d_out in c.target_dims) * number_bytes
 
 
-def key_bytes(compiler_cfg, atoms: int) -> int:
-  return atoms * compiler_cfg.key_dim * KEY_BYTES
+def key_bytes(compiler_cfg, atoms: int, key_dtype: str = "float32") -> int:
+  """Keys of `atoms` atoms: atoms · d_k numbers at the bank's `key_dtype`."""
+  return atoms * compiler_cfg.key_dim * np.dtype(bank_lib.KEY_DTYPES[key_dtype]).itemsize
 
 
 def kv_cache_bytes(model_cfg, tokens: int, number_bytes: int = 2) -> int:
@@ -51,10 +68,13 @@ def kv_cache_bytes(model_cfg, tokens: int, number_bytes: int = 2) -> int:
 
 
 def document_bytes(method: str, *, tokens: int, atoms: int, text_bytes: int, compiler_cfg, model_cfg,
-                   trunc_tokens: int, number_bytes: int = 2) -> dict[str, int] | None:
+                   trunc_tokens: int, number_bytes: int = 2, code_dtype: str | None = None,
+                   key_dtype: str = "float32") -> dict[str, int] | None:
   """Bytes to internalize one document for `method`, per storage form; None for no_context (nothing kept).
 
-  `atoms` are the method's own units (d2l: chunks); `compiler_cfg` is the method's compiler.
+  `atoms` are the method's own units (d2l: chunks); `compiler_cfg` is the method's compiler. Factors and the
+  KV cache take `number_bytes` a number; codes too, unless a bank `code_dtype` is given (`code_bytes`); keys
+  are at `key_dtype`.
   """
   if method == "no_context":
     return None
@@ -63,9 +83,9 @@ def document_bytes(method: str, *, tokens: int, atoms: int, text_bytes: int, com
   if method == "in_context_trunc":
     return {"kv_cache": kv_cache_bytes(model_cfg, min(tokens, trunc_tokens), number_bytes)}
   if method == "rag_atoms":
-    return {"keys+text": key_bytes(compiler_cfg, atoms) + text_bytes}
-  keys = key_bytes(compiler_cfg, atoms) if method in ROUTED else 0
-  return {"codes": code_bytes(compiler_cfg, atoms, number_bytes) + keys,
+    return {"keys+text": key_bytes(compiler_cfg, atoms, key_dtype) + text_bytes}
+  keys = key_bytes(compiler_cfg, atoms, key_dtype) if method in ROUTED else 0
+  return {"codes": code_bytes(compiler_cfg, atoms, number_bytes, code_dtype=code_dtype) + keys,
           "factors": factor_bytes(compiler_cfg, atoms, number_bytes) + keys}
 
 

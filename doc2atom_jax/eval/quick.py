@@ -31,19 +31,19 @@ METHODS = ("no_context", "in_context", "doc2atom")
 CONTROLS = ("default_only", "wrong_document")
 
 
-def in_memory_bank(documents: list[bank_lib.BankDocument], code_dtype: str = "bfloat16") -> bank_lib.AtomBank:
-  """The bank these documents would load as from disk (codes rounded to the storage dtype)."""
+def in_memory_bank(documents: list[bank_lib.BankDocument], code_dtype: str = "bfloat16",
+                   key_dtype: str = "float32") -> bank_lib.AtomBank:
+  """The bank these documents would load as from disk (codes and keys rounded or quantized as stored)."""
   if not any(len(d.atoms) for d in documents):
     raise UserError("empty bank: no document with atoms to route over or compose")
-  codes = np.concatenate([d.codes for d in documents])
-  codes = codes.astype(bank_lib.CODE_DTYPES[code_dtype]).astype(np.float32)  # as bank.py stores them (numpy)
+  codes = bank_lib.stored_codes(np.concatenate([d.codes for d in documents]), code_dtype)  # as bank.py stores
+  keys = bank_lib.stored_keys(np.concatenate([d.keys for d in documents]), key_dtype)
   atoms = [a for d in documents for a in d.atoms]
   return bank_lib.AtomBank(
       path=None, fingerprint="", meta={}, doc_ids=[d.doc_id for d in documents],
-      doc_offsets=np.cumsum([0] + [len(d.atoms) for d in documents]), codes=codes,
-      keys=np.concatenate([d.keys for d in documents]),
+      doc_offsets=np.cumsum([0] + [len(d.atoms) for d in documents]), codes=codes, keys=keys,
       types=np.asarray([atomize.ATOM_TYPES.index(a.type) for a in atoms], np.int32), atoms=atoms,
-      texts={d.doc_id: d.text for d in documents}, code_dtype=code_dtype)
+      texts={d.doc_id: d.text for d in documents}, code_dtype=code_dtype, key_dtype=key_dtype)
 
 
 # Student logits at the answer positions, jitted once for every evaluator (quick, runner).

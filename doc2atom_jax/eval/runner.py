@@ -352,8 +352,10 @@ class Inputs:
 class DocumentRun:
   """One document under evaluation: its compiled banks (lazily, one per system), evidence labels, routing."""
 
-  def __init__(self, doc: EvalDocument, systems: Mapping, *, code_dtype: str, trunc_tokens: int):
+  def __init__(self, doc: EvalDocument, systems: Mapping, *, code_dtype: str, trunc_tokens: int,
+               key_dtype: str = "float32"):
     self.doc, self.systems, self.code_dtype, self.trunc_tokens = doc, systems, code_dtype, trunc_tokens
+    self.key_dtype = key_dtype
     main = systems["doc2atom"]
     self.model = main.model
     self.doc_tokens = count_tokens(self.model, doc.text)
@@ -383,9 +385,13 @@ class DocumentRun:
     if system_name not in self.banks:
       start = time.perf_counter()
       compiled = self.systems[system_name].compile_document(self.doc.text, self.doc.doc_id)
-      self.banks[system_name] = quick.in_memory_bank([compiled], self.code_dtype)
+      self.banks[system_name] = quick.in_memory_bank([compiled], self.code_dtype, self.key_dtype)
       self.compile_seconds[system_name] = time.perf_counter() - start
     return self.banks[system_name]
+
+  def use_compiled(self, system_name: str, compiled) -> None:
+    """Adopts a compilation of this document made (and timed) elsewhere as `bank(system_name)`."""
+    self.banks[system_name] = quick.in_memory_bank([compiled], self.code_dtype, self.key_dtype)
 
   def route(self, rows: tuple[int, ...]):
     """The router's (indices, weights, abstain) for question rows, computed once for rag_atoms and doc2atom."""
@@ -612,6 +618,7 @@ class Settings:
   trunc_tokens: int = 256
   batch_size: int = 8
   code_dtype: str = "bfloat16"
+  key_dtype: str = "float32"
   capacity_steps: int = 0  # the capacity oracle's Adam steps per batch of questions; 0 = off
   capacity_rank: int = 1
   capacity_doc_rank: int = 8
@@ -679,7 +686,8 @@ def evaluate(systems: Mapping, datasets: Mapping[str, Sequence[EvalDocument]], m
   for name, docs in datasets.items():
     start = time.perf_counter()
     for doc in docs:
-      run = DocumentRun(doc, systems, code_dtype=settings.code_dtype, trunc_tokens=settings.trunc_tokens)
+      run = DocumentRun(doc, systems, code_dtype=settings.code_dtype, trunc_tokens=settings.trunc_tokens,
+                        key_dtype=settings.key_dtype)
       records += evaluate_document(
           run, methods, batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens,
           capacity=capacity_lib.OracleConfig(rank=settings.capacity_rank, steps=settings.capacity_steps,
@@ -702,14 +710,15 @@ def evaluate(systems: Mapping, datasets: Mapping[str, Sequence[EvalDocument]], m
 def bytes_per_document(methods: Sequence[str], systems: Mapping, stats: Sequence[Mapping], settings: Settings) -> dict:
   """method -> mean bytes per evaluated document, per storage form (costs.document_bytes)."""
   model_cfg = systems["doc2atom"].model.config
-  number_bytes = costs_lib.dtype_bytes(settings.code_dtype)
+  number_bytes = costs_lib.float_bytes(settings.code_dtype)  # factors, KV cache; codes as the bank stores them
   out = {}
   for method in (m for m in methods if m not in CAPACITY):  # fitted, not compiled: no stored form measured
     system = system_of(method)
     per_doc = [costs_lib.document_bytes(method, tokens=s["tokens"], atoms=s["units"][system],
                                         text_bytes=s["text_bytes"], compiler_cfg=systems[system].cfg,
                                         model_cfg=model_cfg, trunc_tokens=settings.trunc_tokens,
-                                        number_bytes=number_bytes) for s in stats]
+                                        number_bytes=number_bytes, code_dtype=settings.code_dtype,
+                                        key_dtype=settings.key_dtype) for s in stats]
     if per_doc and per_doc[0] is not None:
       out[method] = costs_lib.mean_bytes(per_doc)
   return out
@@ -778,7 +787,7 @@ def measure_costs(systems: Mapping, methods: Sequence[str], datasets: Mapping[st
   for length in sorted({int(t) for t in lengths if 0 < int(t) <= limit}):
     text = _text_of_length(model, [d.text for d in docs], length)
     run = DocumentRun(EvalDocument("costs", f"costs-{length}", text, (question,)), systems,
-                      code_dtype=settings.code_dtype, trunc_tokens=settings.trunc_tokens)
+                      code_dtype=settings.code_dtype, trunc_tokens=settings.trunc_tokens, key_dtype=settings.key_dtype)
     by_system: dict[str, float] = {}
     internalize[length] = {}
     for method in timed:
@@ -870,7 +879,7 @@ def _coverage_section(coverage: Mapping[str, Coverage], settings: Settings, limi
 def run(config, workdir: pathlib.Path | None) -> pathlib.Path:
   """mode=eval: the configured methods on the configured datasets -> the report folder (default
   <workdir>/eval): report.md, results.json and the plots."""
-  from doc2atom_jax import models, modes  # pylint: disable=import-outside-toplevel
+  from doc2atom_jax import modes  # pylint: disable=import-outside-toplevel
   from doc2atom_jax.eval import report as report_lib  # pylint: disable=import-outside-toplevel
 
   start = time.perf_counter()
@@ -885,12 +894,12 @@ def run(config, workdir: pathlib.Path | None) -> pathlib.Path:
     raise UserError("set --workdir (the report goes to <workdir>/eval) or --config.eval.output")
   settings = Settings(max_new_tokens=e.max_new_tokens, max_doc_tokens=e.max_doc_tokens, trunc_tokens=e.trunc_tokens,
                       batch_size=e.batch_size, code_dtype=config.atoms.code_dtype,
+                      key_dtype=config.atoms.get("key_dtype", "float32"),
                       capacity_steps=e.capacity_steps, capacity_rank=e.capacity_rank,
                       capacity_doc_rank=e.capacity_doc_rank, capacity_learning_rate=e.capacity_learning_rate)
   # A scanned layer stack compiles ~6x faster than the unrolled loop and runs as fast (SmolLM2, 2 CPU cores):
   # an evaluation compiles a few dozen shapes, so that is most of a cold run's time.
-  model = models.load(config.model.name, dtype=config.model.dtype,
-                      scan_layers=bool(config.model.scan_layers or e.scan_layers))
+  model = modes.load_model(config, scan_layers=e.scan_layers)
   main = modes.build_system(config, model=model)
   if not config.params:
     print("note: no --config.params: doc2atom's compiler and router are untrained (initialized)")

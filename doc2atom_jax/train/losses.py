@@ -8,29 +8,38 @@ much as one with 8.
 import jax
 import jax.numpy as jnp
 
+from doc2atom_jax.train import vocab
+
 
 def _mean_over(x, mask, axis):
   mask = mask.astype(x.dtype)
   return jnp.sum(x * mask, axis=axis) / jnp.maximum(jnp.sum(mask, axis=axis), 1.0)
 
 
+def _logprobs_at(student, ids):
+  """Log-softmax over the vocabulary read at ids [..., K]: from full logits [..., V], or by vocabulary chunks."""
+  if isinstance(student, vocab.ChunkedLogits):
+    return student.logprobs_at(ids)
+  return jnp.take_along_axis(jax.nn.log_softmax(student.astype(jnp.float32), axis=-1), ids, axis=-1)
+
+
 def topk_kl(student_logits, teacher_ids, teacher_logprobs, mask):
   """KL(teacher ‖ student) on the teacher's top-K tokens, renormalized, per question [B].
 
-  student_logits [B, T, V]; teacher_ids/logprobs [B, T, K] at the same (answer) positions; mask [B, T].
-  The student's log-probs are normalized over the full vocabulary, then read at the teacher's K ids.
+  student_logits [B, T, V] (or a `vocab.ChunkedLogits` standing for them); teacher_ids/logprobs [B, T, K] at the
+  same (answer) positions; mask [B, T]. The student's log-probs are normalized over the full vocabulary, then
+  read at the teacher's K ids.
   """
-  student_logp = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
-  student_at_k = jnp.take_along_axis(student_logp, teacher_ids, axis=-1)
+  student_at_k = _logprobs_at(student_logits, teacher_ids)
   teacher_logp = jax.nn.log_softmax(teacher_logprobs, axis=-1)  # renormalize the top-K mass
   kl = jnp.sum(jnp.exp(teacher_logp) * (teacher_logp - student_at_k), axis=-1)
   return _mean_over(kl, mask, axis=-1)
 
 
 def answer_ce(student_logits, targets, mask):
-  """Cross-entropy of the gold answer tokens, per question [B]; targets [B, T] aligned with logits."""
-  logp = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  """Cross-entropy of the gold answer tokens, per question [B]; targets [B, T] aligned with logits (full
+  [B, T, V], or a `vocab.ChunkedLogits`)."""
+  nll = -_logprobs_at(student_logits, targets[..., None])[..., 0]
   return _mean_over(nll, mask, axis=-1)
 
 

@@ -16,15 +16,23 @@ import numpy as np
 
 from doc2atom_jax import fileio
 from doc2atom_jax.models import decoder as decoder_lib
+from doc2atom_jax.train import vocab
 
 TOP_K = 16
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "k"))
-def _topk_logprobs(weights, cfg, tokens, mask, positions, *, k):
-  """Top-k log-probs [B, A, k] at `positions` [B, A] only (the vocabulary projection of the document is skipped)."""
+@functools.partial(jax.jit, static_argnames=("cfg", "k", "vocab_chunk"))
+def _topk_logprobs(weights, cfg, tokens, mask, positions, *, k, vocab_chunk=0):
+  """Top-k log-probs [B, A, k] at `positions` [B, A] only (the vocabulary projection of the document is skipped).
+
+  vocab_chunk > 0: by vocabulary chunks of that size (`vocab.topk_logprobs`: no [B, A, V] logits; the same ids,
+  ties included, and the same values to float rounding, so cached entries stay valid either way)."""
   hidden = decoder_lib.forward(weights, cfg, tokens, attention_mask=mask, compute_logits=False).hidden
-  logits = decoder_lib.logits_from_hidden(weights, cfg, jnp.take_along_axis(hidden, positions[..., None], axis=1))
+  at_answers = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+  if vocab_chunk > 0:
+    matrix, axis = vocab.head_of(weights)
+    return vocab.topk_logprobs(at_answers, matrix, k, chunk=vocab_chunk, vocab_axis=axis, softcap=cfg.final_softcap)
+  logits = decoder_lib.logits_from_hidden(weights, cfg, at_answers)
   return jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), k)
 
 
@@ -49,11 +57,13 @@ def pack_answers(prompts: list[list[int]], answers: list[list[int]], bucket: int
 
 
 def topk_on_answers(model, prompts: list[list[int]], answers: list[list[int]], k: int = TOP_K, bucket: int = 64,
-                    answer_bucket: int = 8):
-  """Teacher top-K (ids [A, K], log-probs [A, K]) at the positions that predict each answer token."""
+                    answer_bucket: int = 8, vocab_chunk: int = 0):
+  """Teacher top-K (ids [A, K], log-probs [A, K]) at the positions that predict each answer token; vocab_chunk > 0
+  ranks the vocabulary in chunks of that many ids (no [B, A, V] logits; same results)."""
   packed = pack_answers(prompts, answers, bucket, answer_bucket)
   logp, ids = _topk_logprobs(model.weights, model.config, jnp.asarray(packed["s_tokens"]),
-                             jnp.asarray(packed["s_mask"]), jnp.asarray(packed["answer_pos"]), k=k)
+                             jnp.asarray(packed["s_mask"]), jnp.asarray(packed["answer_pos"]), k=k,
+                             vocab_chunk=int(vocab_chunk))
   logp, ids = np.asarray(logp), np.asarray(ids)
   return [(ids[i, :len(a)].astype(np.int32), logp[i, :len(a)].astype(np.float32)) for i, a in enumerate(answers)]
 
@@ -69,8 +79,9 @@ class TeacherCache:
     digest = hashlib.sha256(example_key.encode()).hexdigest()
     return self.root / self.prefix / digest[:2] / f"{digest}.npz"
 
-  def get_or_compute(self, model, keys: list[str], prompts, answers, k: int = TOP_K):
-    """Cached entries where present; the rest computed in one batch and stored."""
+  def get_or_compute(self, model, keys: list[str], prompts, answers, k: int = TOP_K, vocab_chunk: int = 0):
+    """Cached entries where present; the rest computed in one batch and stored (vocab_chunk: see
+    `topk_on_answers`; not part of the key, the results are the same)."""
     results = [None] * len(keys)
     missing = []
     for i, key in enumerate(keys):
@@ -84,7 +95,8 @@ class TeacherCache:
           pass  # unreadable entry: recompute it
       missing.append(i)
     if missing:
-      computed = topk_on_answers(model, [prompts[i] for i in missing], [answers[i] for i in missing], k)
+      computed = topk_on_answers(model, [prompts[i] for i in missing], [answers[i] for i in missing], k,
+                                 vocab_chunk=vocab_chunk)
       for i, (ids, logp) in zip(missing, computed):
         with fileio.atomic_open(self._path(keys[i]), "wb") as f:
           np.savez(f, ids=ids, logp=logp)

@@ -85,6 +85,23 @@ def _state_to_tree(params, opt_state, step, mesh):
   return {"params": nnx.to_pure_dict(params), "opt_state": opt_state, "step": step}
 
 
+# Settings that change how a step is computed, not its numbers (fast paths; storage at answer time): a run
+# resumes with them changed, and checkpoints written before a setting existed still match.
+HOW_NOT_WHAT = {"model": ("scan_layers", "attention_block", "remat"), "loss": ("vocab_chunk",),
+                "atoms": ("route_approx", "compose_form", "code_dtype", "key_dtype")}
+
+
+def comparable_meta(run_meta: dict | None) -> dict | None:
+  """The run description without the `HOW_NOT_WHAT` settings: what must match for a checkpoint to resume."""
+  if not isinstance(run_meta, dict):
+    return run_meta
+  out = dict(run_meta)
+  for section, fields in HOW_NOT_WHAT.items():
+    if isinstance(out.get(section), dict):
+      out[section] = {k: v for k, v in out[section].items() if k not in fields}
+  return out
+
+
 def _restore(manager, abstract, run_meta, allow_change, layout):
   """Latest readable checkpoint (falling back to older ones when the newest is damaged), or None."""
   for step in sorted(manager.all_steps(), reverse=True):
@@ -95,7 +112,7 @@ def _restore(manager, abstract, run_meta, allow_change, layout):
       print(f"checkpoint {step} unreadable ({type(e).__name__}: {str(e)[:200]}); deleting it, trying an older one")
       manager.delete(step)
       continue
-    if restored.meta.get("run") != run_meta and not allow_change:
+    if comparable_meta(restored.meta.get("run")) != comparable_meta(run_meta) and not allow_change:
       raise UserError(f"{manager.directory} holds a checkpoint of a different configuration; use another "
                       "--workdir, or set train.allow_config_change=True to resume from it anyway")
     if restored.meta.get("layout", layout) != layout:  # supported: the data order is a function of seed and step

@@ -211,7 +211,7 @@ def test_newer_format_version_is_refused(tmp_path):
   manifest = json.loads((path / "manifest.json").read_text())
   manifest["format_version"] = bank_lib.FORMAT_VERSION + 1
   (path / "manifest.json").write_text(json.dumps(manifest))
-  with pytest.raises(UserError, match="format version 2.*upgrade"):
+  with pytest.raises(UserError, match=f"format version {bank_lib.FORMAT_VERSION + 1}.*upgrade"):
     bank_lib.load(path)
 
 

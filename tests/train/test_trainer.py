@@ -103,3 +103,15 @@ def test_periodic_evaluation_sees_the_current_parameters_and_resumes_cleanly(tmp
   # Resuming from step 4 into a longer run appends, never duplicates.
   run(tmp_path, tcfg=TCFG.__class__(**{**tcfg.__dict__, "steps": 6}), eval_fn=eval_fn)
   assert [json.loads(l)["step"] for l in (tmp_path / "eval.jsonl").read_text().splitlines()] == [2, 4, 6]
+
+
+def test_fast_path_settings_do_not_block_a_resume():
+  """A checkpoint's run description matches a config that differs only in how passes are computed (or that
+  predates those settings); any other difference still blocks the resume."""
+  saved = {"model": {"name": "m", "scan_layers": False}, "loss": {"kd": 1.0}, "train": {"learning_rate": 1e-3}}
+  now = {"model": {"name": "m", "scan_layers": True, "attention_block": 512, "remat": "full"},
+         "loss": {"kd": 1.0, "vocab_chunk": 4096}, "train": {"learning_rate": 1e-3}}
+  assert trainer.comparable_meta(saved) == trainer.comparable_meta(now)
+  other = {**now, "train": {"learning_rate": 3e-4}}
+  assert trainer.comparable_meta(saved) != trainer.comparable_meta(other)
+  assert trainer.comparable_meta(None) is None
