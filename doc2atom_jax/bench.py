@@ -4,7 +4,8 @@ the targets, `bench.json` (every number with its spread, the config, git revisio
 Run: python -m doc2atom_jax.bench --config=configs/bench.py [--workdir=DIR] [--config.bench.output=DIR]
 
 Figures (each the median of `bench.repeats` timed runs after one untimed warm-up that absorbs compilation;
-the spread is min / max / interquartile range of the timed runs):
+documents of `bench.long_from` tokens or more get `bench.long_repeats` (a pass over ~7,600 tokens takes most
+of a minute on 2 CPU cores); the spread is min / max / interquartile range of the timed runs):
 - answer latency at each document length: `doc2atom` = route the question over the document's atoms +
   compose the adapter + generate `new_tokens` tokens (the document compiled beforehand: that is its
   internalization), vs `in_context` = prefill the document and the question + generate the same tokens
@@ -12,7 +13,9 @@ the spread is min / max / interquartile range of the timed runs):
 - a forward pass with a composed adapter of k·r ranks (k atoms of rank r, plus the always-on default
   adapter) vs the plain forward, on `forward_tokens` tokens;
 - bytes per document: atom codes (+ keys) vs a Doc-to-LoRA adapter (rank-8 factors per chunk) vs the
-  KV cache (`eval/costs.py` formulas, at the storage dtype `atoms.code_dtype`);
+  KV cache (`eval/costs.py` formulas): codes and keys as a bank stores them, in each of `bench.storage_forms`
+  (code_dtype/key_dtype, e.g. int8 codes with a float32 scale per atom and layer); factors and KV cache at
+  `costs.float_bytes(atoms.code_dtype)` (bfloat16 unless codes are float32);
 - compiling a document (`AtomSystem.compile_document`: frozen pass + compiler) vs one forward pass of the base
   model over the same tokens (padded alike);
 - a training step (`train/step.py`, jitted) on one synthetic document: tokens/s and FLOP/s (XLA's
@@ -86,7 +89,8 @@ def check_settings(b) -> dict:
   s = {"lengths": tuple(sorted(set(_ints(b.lengths, "lengths")))), "kr": _ints(b.kr, "kr"),
        "bank_sizes": tuple(sorted(set(_ints(b.bank_sizes, "bank_sizes")))),
        "query_batches": _ints(b.query_batches, "query_batches")}
-  for name in ("repeats", "new_tokens", "forward_tokens", "matmul_size", "route_blocks", "route_k"):
+  for name in ("repeats", "long_repeats", "long_from", "new_tokens", "forward_tokens", "forward_batch",
+               "forward_groups", "forward_batch_tokens", "matmul_size", "route_blocks", "route_k"):
     value = getattr(b, name)
     if not isinstance(value, int) or value < 1:
       raise UserError(f"bench.{name} must be an integer >= 1, got {value!r}")
@@ -99,6 +103,13 @@ def check_settings(b) -> dict:
   s["answer_targets"] = targets
   s["forward_target"] = (int(b.forward_target[0]), float(b.forward_target[1]))
   s["bytes_target"] = (int(b.bytes_target[0]), float(b.bytes_target[1]))
+  s["route_approx"] = bool(b.get("route_approx", False))
+  s["storage_forms"] = tuple(b.get("storage_forms", ("bfloat16/float32",)))
+  for form in s["storage_forms"]:
+    code_dtype, _, key_dtype = form.partition("/")
+    if code_dtype not in ("bfloat16", "float32", "int8") or key_dtype not in ("bfloat16", "float32"):
+      raise UserError(f"bench.storage_forms: {form!r} is not code_dtype/key_dtype with code_dtype in "
+                      "bfloat16, float32, int8 and key_dtype in float32, bfloat16")
   s["compile_target"] = float(b.compile_target)
   s["routing_exponent_target"] = float(b.routing_exponent_target)
   return s
@@ -152,32 +163,42 @@ def measure_documents(system, config, s: dict, log) -> tuple[dict, dict]:
   texts = [d.text for d in synthetic_docs]
   question = dataclasses.replace(runner.from_synthetic(synthetic_docs[0], "bench", "unseen").questions[0],
                                  fact_evidence=())
-  number_bytes = costs_lib.dtype_bytes(config.atoms.code_dtype)
+  number_bytes = costs_lib.float_bytes(config.atoms.code_dtype)  # factors and KV cache (bfloat16 for int8 codes)
   d2l_cfg = dataclasses.replace(system.cfg, rank=D2L_RANK)
   out, runs = {}, {}
   for length in s["lengths"]:
+    repeats = s["long_repeats"] if length >= s["long_from"] else s["repeats"]
     text = runner._text_of_length(model, texts, length)  # pylint: disable=protected-access
     doc = runner.EvalDocument("bench", f"bench-{length}", text, (question,))
-    run = runner.DocumentRun(doc, {"doc2atom": system}, code_dtype=config.atoms.code_dtype, trunc_tokens=256)
-    r = {"tokens": run.doc_tokens, "atoms": len(run.atoms), "text_bytes": len(text.encode("utf-8"))}
-    r["compile_seconds"] = timed(runner._internalize_fn(run, "doc2atom", 0), s["repeats"])  # pylint: disable=protected-access
-    r["forward_seconds"] = timed(_forward_fn(model, *_padded_document(model, text)), s["repeats"])
-    run.bank("doc2atom")  # compiled once, before answering: the document's internalization
+    run = runner.DocumentRun(doc, {"doc2atom": system}, code_dtype=config.atoms.code_dtype, trunc_tokens=256,
+                             key_dtype=config.atoms.key_dtype)
+    r = {"tokens": run.doc_tokens, "atoms": len(run.atoms), "text_bytes": len(text.encode("utf-8")),
+         "repeats": repeats}
+    compiled = []
+    compile_once = lambda: compiled.append(system.compile_document(text, doc.doc_id)) or compiled[-1].codes  # pylint: disable=cell-var-from-loop
+    r["compile_seconds"] = timed(compile_once, repeats)
+    run.use_compiled("doc2atom", compiled[-1])  # the timed compile is the document's internalization
+    r["forward_seconds"] = timed(_forward_fn(model, *_padded_document(model, text)), repeats)
     r["answer_seconds"] = {
-        "doc2atom": timed(runner._answer_fn(run, "doc2atom", s["new_tokens"]), s["repeats"]),  # pylint: disable=protected-access
+        "doc2atom": timed(runner._answer_fn(run, "doc2atom", s["new_tokens"]), repeats),  # pylint: disable=protected-access
         "in_context": timed(runner._answer_fn(run, "in_context", s["new_tokens"], reuse_prefix=False),  # pylint: disable=protected-access
-                            s["repeats"])}
+                            repeats)}
     r["answer_ratio"] = _ratio(r["answer_seconds"]["doc2atom"], r["answer_seconds"]["in_context"])
     r["compile_ratio"] = _ratio(r["compile_seconds"], r["forward_seconds"])
-    codes = costs_lib.document_bytes("doc2atom", tokens=run.doc_tokens, atoms=len(run.atoms),
-                                     text_bytes=r["text_bytes"], compiler_cfg=system.cfg, model_cfg=model.config,
-                                     trunc_tokens=256, number_bytes=number_bytes)["codes"]
+    codes_of = lambda code_dtype, key_dtype: costs_lib.document_bytes(  # pylint: disable=cell-var-from-loop
+        "doc2atom", tokens=run.doc_tokens, atoms=len(run.atoms), text_bytes=r["text_bytes"],
+        compiler_cfg=system.cfg, model_cfg=model.config, trunc_tokens=256, number_bytes=number_bytes,
+        code_dtype=code_dtype, key_dtype=key_dtype)["codes"]
+    codes = codes_of(config.atoms.code_dtype, config.atoms.key_dtype)
     chunk = config.atoms.chunk_tokens
     chunks = -(-run.doc_tokens // chunk) if chunk else 1
     d2l = costs_lib.factor_bytes(d2l_cfg, chunks, number_bytes)
     kv = costs_lib.kv_cache_bytes(model.config, run.doc_tokens, number_bytes)
+    forms = {form: codes_of(*form.split("/")) for form in s["storage_forms"]}
     r["bytes"] = {"atom_codes": codes, "d2l_adapter": d2l, "kv_cache": kv, "d2l_chunks": chunks,
-                  "codes_over_kv": codes / kv, "d2l_over_kv": d2l / kv}
+                  "codes_over_kv": codes / kv, "d2l_over_kv": d2l / kv,
+                  "storage": f"{config.atoms.code_dtype}/{config.atoms.key_dtype}",
+                  "forms": {form: {"atom_codes": b, "codes_over_kv": b / kv} for form, b in forms.items()}}
     out[length] = r
     runs[length] = run
     a = r["answer_seconds"]
@@ -209,6 +230,31 @@ def measure_composed_forward(system, run, s: dict, log) -> dict:
                         "ratio": _ratio(composed, out["plain_seconds"])}
     log(f"  k·r={kr}: composed forward {composed['median'] * 1e3:.1f} ms vs plain "
         f"{out['plain_seconds']['median'] * 1e3:.1f} ms")
+  out["batched"] = measure_batched_forms(system, bank, ids, s, log)
+  return out
+
+
+def measure_batched_forms(system, bank, ids, s: dict, log) -> dict:
+  """A batch of questions whose adapters come in a few groups (questions sharing atoms): the gather form
+  (one adapter per question) vs the grouped form (`jax.lax.ragged_dot` over the group's rows) vs plain."""
+  from doc2atom_jax.models import adapter as adapter_lib  # pylint: disable=import-outside-toplevel
+
+  model, rank = system.model, system.cfg.rank
+  batch, groups, length = s["forward_batch"], s["forward_groups"], s["forward_batch_tokens"]
+  k = max(1, s["forward_target"][0] // rank)
+  indices = (np.arange(groups * k).reshape(groups, k) % len(bank.atoms)).astype(np.int32)
+  per_group = system.adapter(bank, jnp.asarray(indices), jnp.full((groups, k), 1.0 / k, jnp.float32))
+  grouped = per_group._replace(groups=jnp.asarray(np.arange(batch) * groups // batch, jnp.int32))
+  gathered = adapter_lib.ungroup(grouped)
+  tokens = np.asarray([(ids * (1 + length // len(ids)))[:length]] * batch, np.int32)
+  mask = np.ones_like(tokens, bool)
+  out = {"questions": batch, "groups": groups, "tokens_per_question": length, "k": k,
+         "plain_seconds": timed(_forward_fn(model, tokens, mask), s["repeats"]),
+         "gather_seconds": timed(_forward_fn(model, tokens, mask, gathered), s["repeats"]),
+         "grouped_seconds": timed(_forward_fn(model, tokens, mask, grouped), s["repeats"])}
+  out["grouped_over_gather"] = _ratio(out["grouped_seconds"], out["gather_seconds"])
+  log(f"  {batch} questions in {groups} groups, k·r={k * rank}: plain {_ms(out['plain_seconds'])}, gather "
+      f"{_ms(out['gather_seconds'])}, grouped (ragged_dot) {_ms(out['grouped_seconds'])}")
   return out
 
 
@@ -275,14 +321,15 @@ def measure_train_step(system, config, s: dict, ceiling: dict, log) -> dict:
   return out
 
 
-@functools.partial(jax.jit, static_argnames=("k", "blocks"))
-def _route_bank(split_router, queries, keys, key_mask, null_key, *, k: int, blocks: int):
+@functools.partial(jax.jit, static_argnames=("k", "blocks", "approximate"))
+def _route_bank(split_router, queries, keys, key_mask, null_key, *, k: int, blocks: int, approximate: bool):
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
   from doc2atom_jax.atoms import router as router_lib  # pylint: disable=import-outside-toplevel
 
   router = nnx.merge(*split_router)
-  return router_lib.select(router.scores(queries, keys, key_mask, null_key), k, "softmax", blocks)
+  return router_lib.select(router.scores(queries, keys, key_mask, null_key), k, "softmax", blocks,
+                           approximate=approximate)
 
 
 def measure_routing(system, s: dict, log) -> dict:
@@ -293,7 +340,8 @@ def measure_routing(system, s: dict, log) -> dict:
   split_router = nnx.split(system.router)
   null_key = system.compiler.null()[1]
   unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-  out = {"key_dim": d, "k": s["route_k"], "blocks": s["route_blocks"], "keys": "synthetic unit Gaussian keys",
+  out = {"key_dim": d, "k": s["route_k"], "blocks": s["route_blocks"], "approximate": s["route_approx"],
+         "keys": "synthetic unit Gaussian keys",
          "by_batch": {}}
   for batch in s["query_batches"]:
     queries = unit(jax.random.normal(jax.random.key(batch), (batch, d), jnp.float32))
@@ -301,7 +349,7 @@ def measure_routing(system, s: dict, log) -> dict:
     for n in s["bank_sizes"]:
       keys = jax.block_until_ready(unit(jax.random.normal(jax.random.key(n), (n, d), jnp.float32)))
       route = functools.partial(_route_bank, split_router, queries, keys, jnp.ones((n,), bool), null_key,
-                                k=s["route_k"], blocks=s["route_blocks"])
+                                k=s["route_k"], blocks=s["route_blocks"], approximate=s["route_approx"])
       rows[n] = timed(route, s["repeats"])
       keys = route = None  # the largest banks' keys are not kept past their timing
     sizes = list(rows)
@@ -361,14 +409,19 @@ def table_rows(results: dict, s: dict) -> list[dict]:
     bound = s["forward_target"][1] if kr == s["forward_target"][0] else None
     rows.append(_row(f"composed forward k·r={kr} / plain ({f['tokens']} tok)",
                      f"{_ms(r['composed_seconds'])} / {_ms(f['plain_seconds'])}", r["ratio"]["median"], bound))
+  g = f.get("batched")
+  if g:
+    rows.append(_row(f"{g['questions']} questions, {g['groups']} adapter groups: grouped (ragged_dot) / gather",
+                     f"{_ms(g['grouped_seconds'])} / {_ms(g['gather_seconds'])}", g["grouped_over_gather"]["median"]))
   if s["forward_target"][0] not in f["by_kr"]:
     rows.append(_row(f"composed forward k·r={s['forward_target'][0]} / plain", "not measured", None,
                      s["forward_target"][1]))
   for length, r in docs.items():
     b = r["bytes"]
     bound = s["bytes_target"][1] if length == s["bytes_target"][0] else None
-    rows.append(_row(f"bytes/doc @ {length} tok: codes / KV (d2l {_size(b['d2l_adapter'])})",
-                     f"{_size(b['atom_codes'])} / {_size(b['kv_cache'])}", b["codes_over_kv"], bound))
+    for form, f_bytes in b["forms"].items():
+      rows.append(_row(f"bytes/doc @ {length} tok: codes ({form}) / KV (d2l {_size(b['d2l_adapter'])})",
+                       f"{_size(f_bytes['atom_codes'])} / {_size(b['kv_cache'])}", f_bytes["codes_over_kv"], bound))
   if s["bytes_target"][0] not in docs:
     rows.append(_row(f"bytes/doc @ {s['bytes_target'][0]} tok: codes / KV", "not measured", None,
                      s["bytes_target"][1]))
@@ -478,14 +531,13 @@ def _jsonable(x):
 # ---------------------------------------------------------------------------------------------------------
 def run(config, workdir: pathlib.Path | None, log: Callable[[str], None] = print) -> dict:
   """The whole benchmark -> results (also written to <output>/bench.json and bench.png; the table printed)."""
-  from doc2atom_jax import fileio, models, modes  # pylint: disable=import-outside-toplevel
+  from doc2atom_jax import fileio, modes  # pylint: disable=import-outside-toplevel
   from doc2atom_jax.eval import runner  # pylint: disable=import-outside-toplevel
 
   start = time.perf_counter()
   s = check_settings(config.bench)
   output = output_folder(config, workdir)
-  model = models.load(config.model.name, dtype=config.model.dtype,
-                      scan_layers=bool(config.model.scan_layers or config.bench.scan_layers))
+  model = modes.load_model(config, scan_layers=config.bench.scan_layers)
   limit = model.config.max_position_embeddings - runner.QUESTION_RESERVE - s["new_tokens"]
   over = [n for n in s["lengths"] if n > limit]
   if over:

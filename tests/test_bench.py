@@ -49,11 +49,19 @@ def test_every_figure_is_measured_with_its_spread(tiny_run):
     b = r["bytes"]
     assert 0 < b["atom_codes"] and 0 < b["d2l_adapter"] and 0 < b["kv_cache"]
     assert b["codes_over_kv"] == pytest.approx(b["atom_codes"] / b["kv_cache"])
+    forms = b["forms"]
+    assert set(forms) == {"bfloat16/float32", "int8/bfloat16"}
+    assert forms["bfloat16/float32"]["atom_codes"] == b["atom_codes"]  # tiny's storage is the first form
+    assert forms["int8/bfloat16"]["atom_codes"] < b["atom_codes"]
   # The KV cache grows with the document; here, 2x the tokens -> 2x the bytes.
   docs = results["documents"]
   assert docs["64"]["bytes"]["kv_cache"] == 2 * docs["32"]["bytes"]["kv_cache"]
   f = results["composed_forward"]
   _positive_timing(f["plain_seconds"])
+  g = f["batched"]
+  for t in (g["plain_seconds"], g["gather_seconds"], g["grouped_seconds"]):
+    _positive_timing(t)
+  assert g["questions"] == 8 and g["groups"] == 2
   assert set(f["by_kr"]) == {"8", "32"}
   for r in f["by_kr"].values():
     _positive_timing(r["composed_seconds"])
@@ -79,9 +87,9 @@ def test_the_table_says_met_or_missed_for_each_target(tiny_run):
   results = json.loads((out / "bench.json").read_text())
   rows = results["table"]
   targeted = [r for r in rows if r["target"]]
-  # tiny's targets: answer latency at 64 tokens, k·r = 8, bytes at 64 tokens, compile at both lengths,
-  # routing growth for both query batches.
-  assert len(targeted) == 7
+  # tiny's targets: answer latency at 64 tokens, k·r = 8, bytes at 64 tokens (two storage forms), compile at
+  # both lengths, routing growth for both query batches.
+  assert len(targeted) == 8
   assert all(r["status"] in ("met", "MISSED") for r in targeted)
   assert all(r["status"] == "-" for r in rows if not r["target"])
   assert results["targets_missed"] == [r["figure"] for r in targeted if r["status"] == "MISSED"]
