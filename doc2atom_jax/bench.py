@@ -497,6 +497,8 @@ def plot(results: dict) -> bytes:
     ax1.errorbar(lengths, med, yerr=err, marker=marker, capsize=3, label=method)
   ax1.set(xscale="log", yscale="log", xlabel="document tokens", ylabel="seconds per answer",
           title=f"answer latency ({results['settings']['new_tokens']} new tokens)")
+  ax1.set_xticks([int(n) for n in lengths], [str(n) for n in lengths])
+  ax1.minorticks_off()
   ax1.legend()
   for batch, r in results["routing"]["by_batch"].items():
     sizes = list(r["seconds"])
