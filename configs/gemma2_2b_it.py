@@ -9,6 +9,7 @@ Run, one method per workdir (multi-host: the same command on every host):
   python -m doc2atom_jax.main --config=configs/gemma2_2b_it.py --workdir=runs/gemma2_2b_it/doc2atom \
       --config.model.name=hf:/data/models/gemma-2-2b-it --config.data.self_gen="('/data/self_gen_qa_d2l/gemma',)"
   python -m doc2atom_jax.main --config=configs/gemma2_2b_it.py:d2l --workdir=runs/gemma2_2b_it/d2l
+  python -m doc2atom_jax.main --config=configs/gemma2_2b_it.py:d2l_256 --workdir=runs/gemma2_2b_it/d2l_256
   python -m doc2atom_jax.main --config=configs/gemma2_2b_it.py:d2l_atom --workdir=runs/gemma2_2b_it/d2l_atom
 
 Memory per chip before renting any (shapes only, no weights needed; --config.sharding.plan=dp|fsdp|fsdp_tp):

@@ -6,6 +6,7 @@ base model). Run, one method per workdir (multi-host: the same command on every 
       --config.model.name=hf:/data/models/Qwen3-4B-Instruct-2507 \
       --config.data.self_gen="('/data/self_gen_qa_d2l/qwen3',)"
   python -m doc2atom_jax.main --config=configs/qwen3_4b.py:d2l --workdir=runs/qwen3_4b/d2l
+  python -m doc2atom_jax.main --config=configs/qwen3_4b.py:d2l_256 --workdir=runs/qwen3_4b/d2l_256
   python -m doc2atom_jax.main --config=configs/qwen3_4b.py:d2l_atom --workdir=runs/qwen3_4b/d2l_atom
 Sharding: gemma2_2b_it's fsdp plan on its (-1, 8, 1) mesh; check a pod's per-chip memory first (shapes only):
   python -m doc2atom_jax.main --config=configs/qwen3_4b.py --config.mode=plan --config.plan.devices=256

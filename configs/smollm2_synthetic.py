@@ -1,8 +1,11 @@
 """The CPU experiment: the bundled SmolLM2-135M-Instruct on synthetic fact worlds, curriculum 4 -> 32 facts.
+Its protocol, budget and hypotheses: docs/experiment.md (all of it: `python -m doc2atom_jax.experiment all`).
 
 Run (one method per workdir; the same data, steps and learning rate for each, DESIGN §3):
   python -m doc2atom_jax.main --config=configs/smollm2_synthetic.py --workdir=runs/smollm2_synthetic/doc2atom
   python -m doc2atom_jax.main --config=configs/smollm2_synthetic.py:d2l --workdir=runs/smollm2_synthetic/d2l
+  python -m doc2atom_jax.main --config=configs/smollm2_synthetic.py:d2l_256 \
+      --workdir=runs/smollm2_synthetic/d2l_256
   python -m doc2atom_jax.main --config=configs/smollm2_synthetic.py:d2l_atom \
       --workdir=runs/smollm2_synthetic/d2l_atom
 
@@ -46,6 +49,11 @@ def get_config(arg: str | None = None):
   c.data.questions_per_document = 8
   c.data.facts_per_document = (4, 32)  # held-out documents: every length of the curriculum
   c.eval.documents = 8
+  # mode=eval (docs/experiment.md): the interference curve from 4 to 64 facts, 4 unseen worlds per size.
+  c.eval.facts_per_document = (4, 8, 16, 32, 64)
+  c.eval.synthetic_documents = 4
+  c.eval.max_doc_tokens = 2048  # a 64-fact world is ~1,300 tokens
+  c.eval.max_questions = 8  # per bundled QA dataset
   variants.apply(c, arg)
   c.lock()
   return c

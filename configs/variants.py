@@ -1,13 +1,13 @@
 """The trained methods of DESIGN §3 as a config argument: `--config=configs/<name>.py:<variant>`.
 
-Every trained config ends with `apply(c, arg)`, so `:doc2atom` (the default), `:d2l` and `:d2l_atom` change
+Every trained config ends with `apply(c, arg)`, so `:doc2atom` (the default), `:d2l`, `:d2l_256` and `:d2l_atom` change
 only what distinguishes the methods and everything else (data, steps, learning rate) stays equal. The
 trainer drops the route, atom and null loss terms for the methods without a router (modes.train).
 """
 
 from doc2atom_jax.errors import UserError
 
-VARIANTS = ("doc2atom", "d2l", "d2l_atom")
+VARIANTS = ("doc2atom", "d2l", "d2l_256", "d2l_atom")  # d2l_256: d2l with one adapter per 256-token chunk
 D2L_RANK = 8  # Doc-to-LoRA's rank per document (or chunk), DESIGN §13
 
 
@@ -27,7 +27,8 @@ def apply(c, arg: str | None):
   variant = arg or "doc2atom"
   if variant not in VARIANTS:
     raise UserError(f"unknown config variant {variant!r}; valid: {', '.join(VARIANTS)} (--config=<file>.py:<variant>)")
-  c.atoms.method = variant
-  if variant == "d2l":
+  c.atoms.method = "d2l" if variant == "d2l_256" else variant
+  if c.atoms.method == "d2l":
     set_rank(c, D2L_RANK)
+    c.atoms.chunk_tokens = 256 if variant == "d2l_256" else 0
   return c

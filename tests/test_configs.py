@@ -41,14 +41,15 @@ def test_config_loads_locked_with_its_command(name):
 def test_variants_switch_method_and_rank(name, variant):
   config, default = load(name, variant), load(name)
   assert config.is_locked and config.mode == "train"
-  assert config.atoms.method == (variant or "doc2atom")
-  if variant == "d2l":
+  assert config.atoms.method == {"d2l_256": "d2l"}.get(variant, variant or "doc2atom")
+  assert config.atoms.chunk_tokens == (256 if variant == "d2l_256" else default.atoms.chunk_tokens)
+  if variant in ("d2l", "d2l_256"):
     assert config.compiler.rank == variants.D2L_RANK
     assert config.compiler.alpha == pytest.approx(2 * 8**1.5)  # Doc-to-LoRA's r^1.5 * 2
   else:
     assert (config.compiler.rank, config.compiler.alpha) == (default.compiler.rank, default.compiler.alpha)
   # Everything but the method's own fields is equal across variants (DESIGN §3's equal budget).
-  own = {("atoms", "method"), ("compiler", "rank"), ("compiler", "alpha")}
+  own = {("atoms", "method"), ("atoms", "chunk_tokens"), ("compiler", "rank"), ("compiler", "alpha")}
   flat = lambda c: {(s, k): v for s, section in c.to_dict().items() if isinstance(section, dict)
                     for k, v in section.items() if (s, k) not in own}
   assert flat(config) == flat(default)

@@ -1,0 +1,175 @@
+"""The CPU experiment of docs/experiment.md, stage by stage, resumable: `python -m doc2atom_jax.experiment STAGE`.
+
+Stages (each runs `python -m doc2atom_jax.main` subprocesses one after another, never two at once: the
+machine has two cores):
+  params  the compiler + router parameter count of every method (the equal-budget check, ±10%)
+  sweep   every method x learning rate, `SWEEP_STEPS` steps on the first curriculum stage
+  final   every method at its selected learning rate, the config's full budget (450 steps, curriculum)
+  eval    mode=eval of the final exports: all methods; d2l_256 as `d2l`; the capacity oracle
+  all     the four in order
+A run whose workdir already holds its finished result is skipped, and an interrupted one resumes from its
+last checkpoint (the trainer's own resume), so `all` can be restarted after a stop with the same command.
+`--dry-run` prints the commands and the selections it can already make, and runs nothing.
+"""
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+CONFIG = "configs/smollm2_synthetic.py"
+METHODS = ("doc2atom", "d2l", "d2l_256", "d2l_atom")
+LEARNING_RATES = (3e-4, 1e-3, 3e-3)
+SWEEP_STEPS = 50
+SWEEP_FACTS = "(4, 8)"  # the first curriculum stage
+TIE = 0.01  # nats: held-out KLs closer than this count as equal; the smaller learning rate wins
+STAGES = ("params", "sweep", "final", "eval")
+
+
+def sweep_dir(root: pathlib.Path, method: str, lr: float) -> pathlib.Path:
+  return root / "sweep" / method / f"lr{lr:g}"
+
+
+def final_dir(root: pathlib.Path, method: str) -> pathlib.Path:
+  return root / "final" / method
+
+
+def heldout_kl(workdir: pathlib.Path, step: int) -> float | None:
+  """The trainer's held-out KL at `step` (`eval.jsonl`), or None when that evaluation is not there yet."""
+  path = workdir / "eval.jsonl"
+  if not path.exists():
+    return None
+  found = None
+  for line in path.read_text().splitlines():
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue  # a line cut by a stop mid-write
+    if row.get("step") == step and row.get("kl") is not None:
+      found = float(row["kl"])
+  return found
+
+
+def select_learning_rate(kls: dict[float, float | None]) -> float | None:
+  """The learning rate with the lowest held-out KL (ties within TIE: the smallest); None until all are in."""
+  if not kls or any(v is None for v in kls.values()):
+    return None
+  best = min(kls.values())
+  return min(lr for lr, kl in kls.items() if kl <= best + TIE)
+
+
+def main_command(python: str, config_arg: str, workdir: pathlib.Path, *flags: str) -> list[str]:
+  return [python, "-m", "doc2atom_jax.main", f"--config={config_arg}", f"--workdir={workdir}", *flags]
+
+
+def finished(workdir: pathlib.Path) -> bool:
+  """A training run is finished when it wrote its results and its export (the last things it writes)."""
+  return (workdir / "results.json").exists() and (workdir / "export").is_dir()
+
+
+def config_arg(method: str) -> str:
+  return CONFIG if method == "doc2atom" else f"{CONFIG}:{method}"
+
+
+def sweep_commands(root: pathlib.Path, python: str) -> list[tuple[pathlib.Path, list[str]]]:
+  return [(sweep_dir(root, m, lr),
+           main_command(python, config_arg(m), sweep_dir(root, m, lr), f"--config.train.steps={SWEEP_STEPS}",
+                        f"--config.train.learning_rate={lr:g}", "--config.data.curriculum=()",
+                        f"--config.data.facts_per_document={SWEEP_FACTS}"))
+          for m in METHODS for lr in LEARNING_RATES]
+
+
+def selections(root: pathlib.Path) -> dict[str, float | None]:
+  return {m: select_learning_rate({lr: heldout_kl(sweep_dir(root, m, lr), SWEEP_STEPS) for lr in LEARNING_RATES})
+          for m in METHODS}
+
+
+def final_commands(root: pathlib.Path, python: str, chosen: dict[str, float | None]):
+  return [(final_dir(root, m), main_command(python, config_arg(m), final_dir(root, m),
+                                            f"--config.train.learning_rate={chosen[m]:g}"))
+          for m in METHODS if chosen[m] is not None]
+
+
+def eval_commands(root: pathlib.Path, python: str) -> list[tuple[pathlib.Path, list[str]]]:
+  export = lambda m: final_dir(root, m) / "export"
+  base = lambda out, *flags: (root / "eval" / out, main_command(
+      python, CONFIG, root / "eval" / out, "--config.mode=eval", f"--config.params={export('doc2atom')}", *flags))
+  return [
+      base("main", f"--config.eval.exports=('d2l={export('d2l')}', 'd2l_atom={export('d2l_atom')}')"),
+      base("d2l_256", "--config.eval.methods=('no_context', 'in_context', 'd2l')",
+           f"--config.eval.exports=('d2l={export('d2l_256')}',)"),
+      base("capacity", "--config.eval.methods=('no_context', 'in_context', 'doc2atom', 'doc2atom_oracle', "
+                       "'capacity_atom', 'capacity_doc')", "--config.eval.capacity_steps=30",
+           "--config.eval.facts_per_document=(8, 32)", "--config.eval.synthetic_documents=2",
+           "--config.eval.datasets=('synthetic_unseen',)"),
+  ]
+
+
+def parameter_counts() -> dict[str, int]:
+  """Trainable parameters (compiler + router) of every method's system, from its config (no training)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  from configs import smollm2_synthetic  # pylint: disable=import-outside-toplevel
+  from doc2atom_jax import modes  # pylint: disable=import-outside-toplevel
+
+  counts, model = {}, None
+  for m in METHODS:
+    config = smollm2_synthetic.get_config(None if m == "doc2atom" else m)
+    system = modes.build_system(config, model=model)
+    model = system.model
+    state = nnx.state((system.compiler, system.router), nnx.Param)
+    counts[m] = int(sum(x.size for x in jax.tree.leaves(state)))
+  return counts
+
+
+def run(commands, *, dry_run: bool, log, done=finished) -> None:
+  for workdir, command in commands:
+    if done(workdir):
+      log(f"done already: {workdir}")
+      continue
+    log(" ".join(command))
+    if dry_run:
+      continue
+    start = time.perf_counter()
+    status = subprocess.call(command)
+    if status:
+      raise SystemExit(f"experiment: {workdir} failed with exit status {status}; rerun the same command to resume")
+    log(f"finished {workdir} in {time.perf_counter() - start:.0f} s")
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(prog="python -m doc2atom_jax.experiment", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("stage", choices=(*STAGES, "all"))
+  parser.add_argument("--root", default="runs/experiment", help="output folder (default runs/experiment)")
+  parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+  args = parser.parse_args(argv)
+  root, python = pathlib.Path(args.root), sys.executable
+  log = lambda msg: print(msg, flush=True)
+  stages = STAGES if args.stage == "all" else (args.stage,)
+  if "params" in stages and not args.dry_run:
+    counts = parameter_counts()
+    ref = counts["doc2atom"]
+    for m, n in counts.items():
+      log(f"params {m}: {n:,} ({n / ref - 1:+.1%} vs doc2atom){'' if abs(n / ref - 1) <= 0.1 else '  OUTSIDE +-10%'}")
+  if "sweep" in stages:
+    run(sweep_commands(root, python), dry_run=args.dry_run, log=log,
+        done=lambda w: heldout_kl(w, SWEEP_STEPS) is not None)
+  if "final" in stages:
+    chosen = selections(root)
+    for m, lr in chosen.items():
+      log(f"learning rate {m}: {'not selected yet (sweep unfinished)' if lr is None else f'{lr:g}'}")
+    run(final_commands(root, python, chosen), dry_run=args.dry_run, log=log)
+  if "eval" in stages:
+    missing = [m for m in METHODS if not finished(final_dir(root, m))]
+    if missing and not args.dry_run:
+      raise SystemExit(f"experiment: the final runs of {', '.join(missing)} are not finished; run `final` first")
+    run(eval_commands(root, python), dry_run=args.dry_run, log=log,
+        done=lambda w: (w / "eval" / "results.json").exists())
+
+
+if __name__ == "__main__":
+  main()
