@@ -23,7 +23,6 @@ import numpy as np
 
 from doc2atom_jax.atoms import bank as bank_lib
 
-KEY_BYTES = 4  # keys are stored as float32 by default (atoms/bank.py; key_dtype="bfloat16": 2)
 ROUTED = ("rag_atoms", "doc2atom", "doc2atom_oracle")  # methods whose atoms carry a key
 
 

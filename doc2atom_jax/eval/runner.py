@@ -384,8 +384,7 @@ class DocumentRun:
     """The document compiled by one system, as the bank it would load as (codes rounded to storage)."""
     if system_name not in self.banks:
       start = time.perf_counter()
-      compiled = self.systems[system_name].compile_document(self.doc.text, self.doc.doc_id)
-      self.banks[system_name] = quick.in_memory_bank([compiled], self.code_dtype, self.key_dtype)
+      self.use_compiled(system_name, self.systems[system_name].compile_document(self.doc.text, self.doc.doc_id))
       self.compile_seconds[system_name] = time.perf_counter() - start
     return self.banks[system_name]
 

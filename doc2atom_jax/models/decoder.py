@@ -158,13 +158,12 @@ def _pick(flag, if_true, if_false):
   return jax.tree.map(lambda a, b: jnp.where(flag, a, b), if_true, if_false)
 
 
-def _layer(cfg, w, h, *, is_sliding, tables, lora, scale, cache_kv, cache_index, blocks):
+def _layer(cfg, w, h, *, is_sliding, tables, lora, scale, cache_kv, cache_index, blocks, collect_kv=False):
   """One decoder block. tables = ((cos, sin, visible) for full layers, the same for sliding layers); visible
   is None when `blocks` = (positions, valid) asks for causal query blocks. Returns (h, kv): kv is the updated
-  cache slice with a cache, this layer's new (k, v) when `cache_kv` is "collect", else None."""
+  cache slice with a cache, this layer's new (k, v) with `collect_kv` (a prefill, no cache), else None."""
   batch, length, _ = h.shape
   cos, sin, visible = _pick(is_sliding, tables[1], tables[0])
-  collect = isinstance(cache_kv, str)
   proj = lambda x, name: adapter_lib.project(x, w[name], w.get(name + "_bias"), name, lora, scale)
 
   x = rms_norm(h, w["attn_norm"], cfg)
@@ -174,7 +173,7 @@ def _layer(cfg, w, h, *, is_sliding, tables, lora, scale, cache_kv, cache_index,
   if cfg.qk_norm:
     q, k = rms_norm(q, w["q_norm"], cfg), rms_norm(k, w["k_norm"], cfg)
   q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
-  if collect:
+  if collect_kv:
     cache_kv = (k, v)
   elif cache_kv is not None:
     start = (0, cache_index, 0, 0)
@@ -278,10 +277,8 @@ def forward(weights: dict, cfg: DecoderConfig, tokens, *, attention_mask=None, p
   scale = adapter.scale if adapter is not None else None
   layer_kw = dict(tables=(full, sliding), scale=scale, cache_index=index,
                   blocks=(positions, attention_mask) if blocked else None)
-  collect = "collect" if new_cache_slots else None
-
   def layer(w, h, flag, lora, kv):  # arrays only in the signature: what jax.checkpoint differentiates
-    return _layer(cfg, w, h, is_sliding=flag, lora=lora, cache_kv=collect if kv is None else kv, **layer_kw)
+    return _layer(cfg, w, h, is_sliding=flag, lora=lora, cache_kv=kv, collect_kv=bool(new_cache_slots), **layer_kw)
 
   h = embed_tokens(weights, cfg, tokens)
   if cfg.scan_layers:

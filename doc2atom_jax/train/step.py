@@ -53,7 +53,7 @@ class LossConfig:
   normalization: str = "softmax"
   routed: bool = True  # False: d2l / d2l_atom, every atom of the document at weight 1, no router
   # The unrouted methods' adapter: "gather" (one copy per question), "grouped" (one per document, applied with
-  # jax.lax.ragged_dot) or "auto" (grouped). The routed method always gathers: each question's atoms differ.
+  # jax.lax.ragged_dot) or "auto" (grouped off CPU). The routed method always gathers: its questions' atoms differ.
   compose_form: str = "gather"
 
   def __post_init__(self):
