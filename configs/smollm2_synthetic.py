@@ -51,7 +51,7 @@ def get_config(arg: str | None = None):
   c.eval.documents = 8
   # mode=eval (docs/experiment.md): the interference curve from 4 to 64 facts, 4 unseen worlds per size.
   c.eval.facts_per_document = (4, 8, 16, 32, 64)
-  c.eval.synthetic_documents = 4
+  c.eval.synthetic_documents = 5  # the report's instrument gate needs >= 5 documents per cell
   c.eval.max_doc_tokens = 2048  # a 64-fact world is ~1,300 tokens
   c.eval.max_questions = 8  # per bundled QA dataset
   variants.apply(c, arg)
