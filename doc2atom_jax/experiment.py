@@ -6,7 +6,8 @@ machine has two cores):
   sweep   every method x learning rate, `SWEEP_STEPS` steps on the first curriculum stage
   final   every method at its selected learning rate, the config's full budget (450 steps, curriculum)
   eval    mode=eval of the final exports: all methods; d2l_256 as `d2l`; the capacity oracle
-  all     the four in order
+  report  the README's results, the interference plot and H1-H5's decisions (experiment_report.py), to --out
+  all     the five in order
 A run whose workdir already holds its finished result is skipped, and an interrupted one resumes from its
 last checkpoint (the trainer's own resume), so `all` can be restarted after a stop with the same command.
 `--dry-run` prints the commands and the selections it can already make, and runs nothing.
@@ -25,7 +26,7 @@ LEARNING_RATES = (3e-4, 1e-3, 3e-3)
 SWEEP_STEPS = 50
 SWEEP_FACTS = "(4, 8)"  # the first curriculum stage
 TIE = 0.01  # nats: held-out KLs closer than this count as equal; the smaller learning rate wins
-STAGES = ("params", "sweep", "final", "eval")
+STAGES = ("params", "sweep", "final", "eval", "report")
 
 
 def sweep_dir(root: pathlib.Path, method: str, lr: float) -> pathlib.Path:
@@ -146,6 +147,7 @@ def main(argv=None) -> None:
   parser.add_argument("stage", choices=(*STAGES, "all"))
   parser.add_argument("--root", default="runs/experiment", help="output folder (default runs/experiment)")
   parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+  parser.add_argument("--out", default=None, help="the report's folder (default <root>/report)")
   args = parser.parse_args(argv)
   root, python = pathlib.Path(args.root), sys.executable
   log = lambda msg: print(msg, flush=True)
@@ -169,6 +171,13 @@ def main(argv=None) -> None:
       raise SystemExit(f"experiment: the final runs of {', '.join(missing)} are not finished; run `final` first")
     run(eval_commands(root, python), dry_run=args.dry_run, log=log,
         done=lambda w: (w / "eval" / "results.json").exists())
+  if "report" in stages and not args.dry_run:
+    from doc2atom_jax import experiment_report  # pylint: disable=import-outside-toplevel
+    from doc2atom_jax.errors import UserError  # pylint: disable=import-outside-toplevel
+    try:
+      log(f"report: {experiment_report.write(root, pathlib.Path(args.out) if args.out else root / 'report')}")
+    except UserError as e:
+      raise SystemExit(f"experiment: {e}") from None
 
 
 if __name__ == "__main__":

@@ -309,7 +309,7 @@ def _legend(ax) -> None:
   ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
 
 
-def _plot_interference(path, rows, primary: str) -> str | None:
+def plot_interference(path, rows, primary: str) -> str | None:
   rows = [r for r in rows if _finite(r["facts_mean"])]
   if not rows:
     return "no record has facts per document (synthetic data only)"
@@ -380,7 +380,7 @@ def write_plots(folder: pathlib.Path, tables: Mapping, interference_rows: Sequen
   """Each plot of PLOTS, as {"name", "title", "file" (None if skipped), "note" (why skipped)}."""
   makers = {
       "metrics": lambda p: _plot_metrics(p, tables["by_dataset"], primary),
-      "interference": lambda p: _plot_interference(p, interference_rows, primary),
+      "interference": lambda p: plot_interference(p, interference_rows, primary),
       "bytes": lambda p: _plot_bytes(p, tables["overall"], costs),
       "latency": lambda p: _plot_latency(p, costs),
   }
@@ -394,12 +394,12 @@ def write_plots(folder: pathlib.Path, tables: Mapping, interference_rows: Sequen
 # The report.
 
 
-def _jsonable(obj):
+def jsonable(obj):
   """Strict-JSON data: nan/inf become null, numpy scalars and tuples plain Python, other objects str."""
   if isinstance(obj, Mapping):
-    return {str(k): _jsonable(v) for k, v in obj.items()}
+    return {str(k): jsonable(v) for k, v in obj.items()}
   if isinstance(obj, (list, tuple, np.ndarray)):
-    return [_jsonable(v) for v in obj]
+    return [jsonable(v) for v in obj]
   if isinstance(obj, (bool, np.bool_)):
     return bool(obj)
   if isinstance(obj, (int, np.integer)):
@@ -436,7 +436,7 @@ def write_report(folder, records: Iterable[agg.QuestionRecord], *, config: Mappi
   meta = {**run_meta(), **meta}
   results = {"meta": meta, "config": config, "primary": primary, "tables": tables, "gates": flags,
              "costs": costs, "plots": plots, "records": [r.to_json() for r in records]}
-  fileio.atomic_write_text(folder / "results.json", json.dumps(_jsonable(results), indent=1, allow_nan=False))
+  fileio.atomic_write_text(folder / "results.json", json.dumps(jsonable(results), indent=1, allow_nan=False))
   fileio.atomic_write_text(folder / "report.md", render_markdown(
       tables, flags, plots, costs=costs, meta=meta, primary=primary, routing_k=tuple(routing_k),
       n_records=len(records), min_gap=min_gap, min_documents=min_documents, min_label_coverage=min_label_coverage))
