@@ -39,18 +39,20 @@ def test_dry_run_prints_the_sweep_then_finals_once_selected(tmp_path, capsys):
   root = tmp_path / "exp"
   experiment.main(["all", "--dry-run", f"--root={root}"])
   out = capsys.readouterr().out
-  assert out.count("doc2atom_jax.main") == len(experiment.METHODS) * len(experiment.LEARNING_RATES) + 3
+  sweep_runs = sum(len(experiment.LEARNING_RATES[m]) for m in experiment.METHODS)
+  assert out.count("doc2atom_jax.main") == sweep_runs + 3
   assert "not selected yet" in out and "--config.train.steps=50" in out
   # Sweep results for every method: the finals appear with the selected rates, finished sweeps are skipped.
   for i, method in enumerate(experiment.METHODS):
-    for j, lr in enumerate(experiment.LEARNING_RATES):
+    for j, lr in enumerate(experiment.LEARNING_RATES[method]):
       write_eval(experiment.sweep_dir(root, method, lr), [{"step": 50, "kl": 2.0 + abs(j - i % 3) * 0.1}])
   experiment.main(["sweep", "--dry-run", f"--root={root}"])
   experiment.main(["final", "--dry-run", f"--root={root}"])
   out = capsys.readouterr().out
-  assert out.count("done already") == len(experiment.METHODS) * len(experiment.LEARNING_RATES)
+  assert out.count("done already") == sweep_runs
   chosen = experiment.selections(root)
-  assert chosen == {m: experiment.LEARNING_RATES[i % 3] for i, m in enumerate(experiment.METHODS)}
+  assert chosen == {m: experiment.LEARNING_RATES[m][i % 3] for i, m in enumerate(experiment.METHODS)}
+  assert chosen["d2l"] == 1e-4 and chosen["doc2atom"] == 3e-4  # each method's own grid
   for method, lr in chosen.items():
     assert f"learning rate {method}: {lr:g}" in out
     assert f"--workdir={experiment.final_dir(root, method)} --config.train.learning_rate={lr:g}" in out
