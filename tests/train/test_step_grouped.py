@@ -113,3 +113,17 @@ def test_loss_config_reads_compose_form():
   assert not dataclasses.replace(step_lib.loss_config(d2l), compose_form="gather").grouped
   with pytest.raises(UserError, match="unknown compose_form"):
     step_lib.LossConfig(compose_form="ragged")
+
+
+@pytest.mark.parametrize("n, want", [(1, 1), (2, 2), (3, 4), (5, 8), (8, 8), (9, 16), (17, 24)])
+def test_atom_axis_pads_to_a_power_of_two_then_multiples(n, want):
+  assert batch_lib._atom_bucket(n, 8) == want  # pylint: disable=protected-access
+
+
+def test_one_unit_per_document_is_not_padded_to_eight():
+  """d2l compiles a document as one unit: its batch's atom axis is 1 wide, not the old bucket of 8."""
+  model = base.tiny_random("llama")
+  doc = atomize.atomize(TEXT, "d0", model.tokenizer)
+  whole = dataclasses.replace(doc, atoms=doc.atoms[:1])
+  batch = batch_lib.build(model, [batch_lib.TrainDocument(whole, (batch_lib.Question("q0", "Who?", "Velkor"),))], k=4)
+  assert batch["atom_idx"].shape[1] == 1 and batch["atom_mask"].all()
