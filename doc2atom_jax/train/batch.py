@@ -37,8 +37,7 @@ def _bucket(n: int, size: int) -> int:
 
 def _atom_bucket(n: int, size: int) -> int:
   """The atom axis: a power of two up to `size`, then multiples of it. d2l has one unit per document (or a
-  few chunks), which padding to `size` made 8x as wide in the compiler, the factors and the composition (its
-  step's time did not measurably change: 5.47 -> 5.35 s median on SmolLM2; the step is bound elsewhere)."""
+  few chunks), which padding to `size` made 8x as wide in the compiler, the factors and the composition."""
   return 1 << max(0, n - 1).bit_length() if n <= size else _bucket(n, size)
 
 
