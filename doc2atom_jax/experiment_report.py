@@ -79,7 +79,7 @@ def training_summary(workdir: pathlib.Path) -> dict | None:
       if "step_time_s" in row:
         steps[int(row["step"])] = float(row["step_time_s"])
   found = _load(results)
-  trained = next(iter(found["methods"].get(m) for m in ("doc2atom",) if m in found["methods"]), {}) or {}
+  trained = found["methods"].get("doc2atom") or {}  # the trainer's table names every trained method so
   return {"steps": max(steps, default=0), "train_seconds": sum(steps.values()), "heldout_kl": trained.get("kl"),
           "heldout_nll": trained.get("nll"), "learning_check": found.get("learning_check") or [],
           "methods": found["methods"]}

@@ -188,9 +188,8 @@ def decide(records, *, baselines: Sequence[str] = ("d2l", "d2l_256"), n_resample
 
   if "doc2atom" in methods:
     refusal, false_refusal = stat("doc2atom", "refusal"), stat("doc2atom", "false_refusal")
-    met = bool(refusal and refusal["n"] and false_refusal and false_refusal["n"]
-               and refusal["mean"] >= 0.8 and false_refusal["mean"] <= 0.1)
     measured = bool(refusal and refusal["n"] and false_refusal and false_refusal["n"])
+    met = measured and refusal["mean"] >= 0.8 and false_refusal["mean"] <= 0.1
     out["H4"] = {"claim": "doc2atom refuses >= 80% of out-of-scope questions and <= 10% of answerable ones",
                  "decision": (SUPPORTED if met else NOT_SUPPORTED) if measured else NOT_MEASURED,
                  "numbers": {"refusal": refusal, "false_refusal": false_refusal}, "gate": gate()}
