@@ -96,11 +96,6 @@ def _fmt(stat: Mapping | None, digits: int = 3, percent: bool = False) -> str:
   return f"{stat['mean']:.{digits}f} [{stat['lo']:.{digits}f}, {stat['hi']:.{digits}f}]"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
 def _bytes(costs: Mapping, method: str) -> str:
   forms = (costs.get("bytes_per_document") or {}).get(method)
   if not forms:
@@ -133,7 +128,7 @@ def results_table(records: Sequence[agg.QuestionRecord], costs: Mapping, n_resam
                  _fmt((real.get(m) or {}).get("nll")), _bytes(costs, m), _latency(costs, m)])
   header = ["method", "NLL unseen (primary)", "KL unseen", "F1 unseen", "refusal (out of scope)", "false refusal",
             "router p@4", "NLL seen, new paraphrase", "NLL real QA", "bytes / document", "answer latency / in_context"]
-  return _table(header, rows)
+  return report_lib.md_table(header, rows)
 
 
 def facts_table(curves: Mapping[str, Mapping]) -> str:
@@ -141,7 +136,7 @@ def facts_table(curves: Mapping[str, Mapping]) -> str:
   sizes = sorted({f for c in curves.values() for f in c["facts"]})
   rows = [[m, *(_fmt(c["stats"].get(f)) for f in sizes),
            f"{c['slope']:+.3f} [{c['slope_ci'][0]:+.3f}, {c['slope_ci'][1]:+.3f}]"] for m, c in curves.items()]
-  return _table(["method", *(f"{f} facts" for f in sizes), "slope / doubling"], rows)
+  return report_lib.md_table(["method", *(f"{f} facts" for f in sizes), "slope / doubling"], rows)
 
 
 def qa_table(records: Sequence[agg.QuestionRecord], n_resamples: int = 1000) -> str:
@@ -151,7 +146,7 @@ def qa_table(records: Sequence[agg.QuestionRecord], n_resamples: int = 1000) -> 
   datasets = list(dict.fromkeys(d for _, d in rows))
   methods = [m for m in ORDER if any(k[0] == m for k in rows)]
   body = [[d, *(_fmt((rows.get((m, d)) or {}).get("nll"), 2) for m in methods)] for d in datasets]
-  return _table(["dataset", *methods], body)
+  return report_lib.md_table(["dataset", *methods], body)
 
 
 def training_table(training: Mapping[str, Mapping | None]) -> str:
@@ -165,7 +160,7 @@ def training_table(training: Mapping[str, Mapping | None]) -> str:
     kl = "—" if t["heldout_kl"] is None else f"{t['heldout_kl']:.3f}"
     nll = "—" if t["heldout_nll"] is None else f"{t['heldout_nll']:.3f}"
     rows.append([m, str(t["steps"]), f"{t['train_seconds'] / 60:.1f}", kl, nll, checks or "—"])
-  return _table(["method", "steps", "training minutes", "held-out KL", "held-out NLL",
+  return report_lib.md_table(["method", "steps", "training minutes", "held-out KL", "held-out NLL",
                  "learning checks (control KL)"], rows)
 
 
@@ -175,7 +170,7 @@ def capacity_table(records: Sequence[agg.QuestionRecord], n_resamples: int = 100
   sizes = list(dict.fromkeys(f for _, f in rows))
   methods = list(dict.fromkeys(m for m, _ in rows))
   body = [[m, *(_fmt((rows.get((m, f)) or {}).get("nll")) for f in sizes)] for m in methods]
-  return _table(["method", *(f"facts {f}" for f in sizes)], body)
+  return report_lib.md_table(["method", *(f"facts {f}" for f in sizes)], body)
 
 
 # Hypotheses.
@@ -216,13 +211,13 @@ def write(root, out, *, n_resamples: int = 1000) -> pathlib.Path:
   root, out = pathlib.Path(root), pathlib.Path(out)
   found = load(root)
   records, costs = found["records"], found["costs"]
-  decisions = hyp.decide(records, n_resamples=n_resamples)
   methods = [m for m in ORDER if any(r.method == m for r in records)]
   curves = hyp.interference(records, methods, n_resamples=n_resamples)
+  decisions = hyp.decide(records, n_resamples=n_resamples, curves=curves)
   out.mkdir(parents=True, exist_ok=True)
   plot_rows = agg.aggregate([r for r in records if r.dataset == UNSEEN], group_by=("method", "facts"),
                             n_resamples=n_resamples, metrics=("nll", "f1"),
-                            bins={"facts": (1, *hyp.bin_edges(records))})
+                            bins={"facts": hyp.bin_edges(records)})
   note = report_lib.plot_interference(out / "interference.png", plot_rows, "nll")
   gates = [f"- {g.get('table', '')} {json.dumps(g.get('cell', g.get('dataset')))}: {g['reason']}"
            for g in found["gates"]]

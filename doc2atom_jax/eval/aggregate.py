@@ -187,13 +187,13 @@ def bootstrap_ci(values, *, n_resamples: int = 1000, confidence: float = 0.95, s
       raise UserError(f"cluster has {cluster.size} ids for {values.size} values")
     _, inverse = np.unique(cluster, return_inverse=True)
     sums, counts = np.bincount(inverse, weights=values), np.bincount(inverse).astype(np.float64)
-  means = _resampled_means(sums, counts, n_resamples, np.random.default_rng(seed))
+  means = resampled_means(sums, counts, n_resamples, np.random.default_rng(seed))
   alpha = (1 - confidence) / 2
   lo, hi = np.quantile(means, [alpha, 1 - alpha])
   return mean, float(lo), float(hi)
 
 
-def _resampled_means(sums, counts, n_resamples: int, rng) -> np.ndarray:
+def resampled_means(sums, counts, n_resamples: int, rng) -> np.ndarray:
   """Pooled means of `n_resamples` draws of len(sums) units with replacement, in memory-bounded chunks."""
   n = sums.size
   chunk = max(1, _GATHER_BUDGET // n)

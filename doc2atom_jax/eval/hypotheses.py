@@ -80,7 +80,7 @@ def interference(records, methods: Sequence[str], *, metric: str = "nll", n_resa
   and its 95% bootstrap interval (documents resampled within each size)."""
   out = {}
   rows = by_method(_unseen(records), group_by=("facts",), boot={"n_resamples": n_resamples, "seed": seed,
-                                                                "bins": {"facts": (1, *bin_edges(records))}})
+                                                                "bins": {"facts": bin_edges(records)}})
   for method in methods:
     mine = [r for r in _unseen(records) if r.method == method]
     sums = _doc_sums(mine, metric)
@@ -89,7 +89,7 @@ def interference(records, methods: Sequence[str], *, metric: str = "nll", n_resa
     facts = list(sums)
     means = [s.sum() / c.sum() for s, c in sums.values()]
     rng = np.random.default_rng(seed)
-    draws = np.stack([_resample(s, c, n_resamples, rng) for s, c in sums.values()], 1)  # [n_resamples, sizes]
+    draws = np.stack([agg.resampled_means(s, c, n_resamples, rng) for s, c in sums.values()], 1)  # [n_resamples, sizes]
     x = np.log2(np.asarray(facts, np.float64))
     slopes = np.polyfit(x, draws.T, 1)[0] if len(facts) > 1 else np.full(n_resamples, np.nan)
     stats = {f: next((row[metric] for (m, _), row in rows.items() if m == method and row["facts_mean"] == f), None)
@@ -99,15 +99,10 @@ def interference(records, methods: Sequence[str], *, metric: str = "nll", n_resa
   return out
 
 
-def bin_edges(records) -> list[float]:
-  """Bin edges that give every facts size its own bin."""
+def bin_edges(records) -> tuple[float, ...]:
+  """Facts bin edges that give every facts size its own bin."""
   sizes = sorted({int(r.facts) for r in records if r.facts is not None})
-  return [*(s + 0.5 for s in sizes)] if sizes else [2.0]
-
-
-def _resample(sums: np.ndarray, counts: np.ndarray, n: int, rng) -> np.ndarray:
-  idx = rng.integers(0, sums.size, size=(n, sums.size))
-  return sums[idx].sum(1) / counts[idx].sum(1)
+  return (1, *(s + 0.5 for s in sizes)) if sizes else (1, 2.0)
 
 
 def paired_difference(records, a: str, b: str, metric: str, *, kind: str | None = None, n_resamples: int = 1000,
@@ -132,7 +127,7 @@ def instrument(records, group_by: Sequence[str], *, primary: str = "nll", min_ga
   """The instrument gate's reasons for the unseen cells of `group_by` (kept where `keep(row)`), [] if it passes."""
   ref = [r for r in _unseen(records) if r.method in (agg.REFERENCE, agg.BASELINE)]
   rows = agg.aggregate(ref, group_by=("method", *group_by), n_resamples=n_resamples, seed=seed,
-                       bins={"facts": (1, *bin_edges(records))})
+                       bins={"facts": bin_edges(records)})
   rows = [r for r in rows if keep is None or keep(r)]
   flags = agg.instrument_flags(rows, primary=primary, min_gap=min_gap, min_documents=min_documents)
   return [f"{_cell_text(f['cell'])}: {f['reason']}" for f in flags]
@@ -143,9 +138,9 @@ def _cell_text(cell: Mapping) -> str:
 
 
 def decide(records, *, baselines: Sequence[str] = ("d2l", "d2l_256"), n_resamples: int = 1000, seed: int = 0,
-           min_documents: int = 5) -> dict[str, dict]:
+           min_documents: int = 5, curves: Mapping[str, dict] | None = None) -> dict[str, dict]:
   """H1 (per baseline), H2, H3a, H3b, H4 and H5: each {"claim", "decision", "numbers", "gate" (reasons the
-  instrument gate voids it; empty when it passes)}."""
+  instrument gate voids it; empty when it passes)}. `curves`: `interference`'s result, where already computed."""
   records = list(records)
   unseen = _unseen(records)
   boot = {"n_resamples": n_resamples, "seed": seed}
@@ -155,7 +150,7 @@ def decide(records, *, baselines: Sequence[str] = ("d2l", "d2l_256"), n_resample
   methods = {r.method for r in unseen}
   out = {}
 
-  curves = interference(records, ["doc2atom", *baselines], **boot)
+  curves = curves if curves is not None else interference(records, ["doc2atom", *baselines], **boot)
   at_sizes = lambda method: [curves.get(method, {}).get("stats", {}).get(f) for f in H1_SIZES]
   for base in baselines:
     if base not in methods or "doc2atom" not in curves:

@@ -138,7 +138,7 @@ def _fmt_seconds(s) -> str:
   return f"{s * 1000:.1f} ms" if _finite(s) else "—"
 
 
-def _md_table(header: Sequence[str], body: Iterable[Sequence[str]]) -> str:
+def md_table(header: Sequence[str], body: Iterable[Sequence[str]]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
   lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in body]
   return "\n".join(lines)
@@ -174,7 +174,7 @@ def _cell_key(row_or_cell: Mapping) -> str:
 
 def _render_rows(rows: Sequence[Mapping], group_by: Sequence[str], cols) -> str:
   header = [*group_by, "n", "docs", *(title for title, _ in cols)]
-  return _md_table(header, ([str(r[k]) for k in group_by] + [str(r["n"]), str(r["n_docs"])] + [fn(r) for _, fn in cols]
+  return md_table(header, ([str(r[k]) for k in group_by] + [str(r["n"]), str(r["n_docs"])] + [fn(r) for _, fn in cols]
                             for r in rows))
 
 
@@ -198,7 +198,7 @@ def _render_costs(costs: Mapping | None) -> str:
   body = [[m, *(_fmt_bytes((by_bytes.get(m) or {}).get(f)) for f in forms),
            _fmt_seconds((costs.get("internalize_seconds") or {}).get(m)),
            _fmt_seconds((costs.get("answer_seconds") or {}).get(m))] for m in methods]
-  return _md_table(header, body) if body else "Costs given, but no per-method numbers in them."
+  return md_table(header, body) if body else "Costs given, but no per-method numbers in them."
 
 
 def render_markdown(tables: Mapping[str, list[dict]], flags: Sequence[Mapping], plots: Sequence[Mapping], *,
