@@ -239,7 +239,10 @@ def train(config, workdir: pathlib.Path | None):
     r = quick.evaluate(current, heldout, generate=False, controls=False, baselines=False)["doc2atom"]
     return {"kl": r["kl"], "nll": r["nll"], "route_top1": r["route_top1"]}
 
-  history = trainer.train(system, lambda step: documents_for_step(step, system.model.tokenizer), tcfg, loss_cfg,
+  def training_documents(step):  # in the units the method compiles at evaluation (d2l: its chunks)
+    return data_lib.method_units(documents_for_step(step, system.model.tokenizer), config.atoms.method, system.split)
+
+  history = trainer.train(system, training_documents, tcfg, loss_cfg,
                           workdir, run_meta=run_meta, eval_fn=periodic_eval if heldout else None,
                           num_questions=num_questions)
   finished = not history or history[-1]["step"] == tcfg.steps  # not preempted

@@ -106,7 +106,7 @@ def evaluate(system, documents, *, max_new_tokens: int = 12, generate: bool = Tr
   banks = [in_memory_bank([system.compile_document(doc.text, doc.doc_id)]) for doc in documents]
   for j, doc in enumerate(documents):
     td = data_lib.to_train_document(doc, model.tokenizer)
-    b = batch_lib.build(model, [td])
+    b = batch_lib.build(model, [td], evidence_teacher=False)  # only the document teacher is read here
     bank = banks[j]
     questions = [q.question for q in td.questions]
     indices, weights, abstain = system.select(bank, questions)

@@ -60,8 +60,11 @@ def _pad(rows, length, dtype, fill=0):
 def build(model, documents: list[TrainDocument], *, cache: teacher_lib.TeacherCache | None = None,
           k: int = teacher_lib.TOP_K, token_bucket: int = 16, doc_bucket: int = 32, atom_bucket: int = 8,
           span_bucket: int = 16, answer_bucket: int = 8,
-          num_questions: int | None = None) -> dict:
+          num_questions: int | None = None, evidence_teacher: bool = True) -> dict:
   """numpy arrays of one batch; teacher top-K from the cache (computed and stored where missing).
+
+  evidence_teacher False: the evidence teacher's fields stay zero and nothing computes them (a loss without
+  the atom-fidelity term never reads them: the unrouted methods, the evaluators).
 
   num_questions pads the question axis to a fixed size (rows with q_valid False), so batches whose
   documents have fewer questions keep the step's compiled shape.
@@ -97,12 +100,13 @@ def build(model, documents: list[TrainDocument], *, cache: teacher_lib.TeacherCa
     evidence_text = " ".join(d.doc.atoms[i].text for i in (q.evidence or ())) or d.doc.text
     ev_teachers.append(chat(prompts.in_context_prompt(evidence_text, q.question)))
     keys.append(f"{d.doc.doc_id}\x00{q.qid}\x00{q.question}\x00{q.answer}")
-  if cache is not None:
-    top = cache.get_or_compute(model, [k_ + "\x00doc" for k_ in keys], teachers, answers, k)
-    ev_top = cache.get_or_compute(model, [k_ + "\x00evidence" for k_ in keys], ev_teachers, answers, k)
-  else:
-    top = teacher_lib.topk_on_answers(model, teachers, answers, k)
-    ev_top = teacher_lib.topk_on_answers(model, ev_teachers, answers, k)
+  def teacher(prompts_, suffix):
+    if cache is not None:
+      return cache.get_or_compute(model, [k_ + suffix for k_ in keys], prompts_, answers, k)
+    return teacher_lib.topk_on_answers(model, prompts_, answers, k)
+
+  top = teacher(teachers, "\x00doc")
+  ev_top = teacher(ev_teachers, "\x00evidence") if evidence_teacher else None
 
   Ts = _bucket(max(len(s) + len(a) for s, a in zip(students, answers)), token_bucket)
   A = _bucket(max(map(len, answers)), answer_bucket)
@@ -119,7 +123,8 @@ def build(model, documents: list[TrainDocument], *, cache: teacher_lib.TeacherCa
     batch["answer_mask"][b, :n] = True
     batch["targets"][b, :n] = a
     batch["teacher_ids"][b, :n], batch["teacher_logp"][b, :n] = top[b]
-    batch["ev_teacher_ids"][b, :n], batch["ev_teacher_logp"][b, :n] = ev_top[b]
+    if ev_top is not None:
+      batch["ev_teacher_ids"][b, :n], batch["ev_teacher_logp"][b, :n] = ev_top[b]
   Tq = _bucket(max(map(len, students)), token_bucket)
   batch.update(q_tokens=_pad(students, Tq, np.int32), q_mask=_pad([[True] * len(s) for s in students], Tq, bool))
   batch["doc_of_q"] = np.asarray([j for j, _ in rows], np.int32)

@@ -64,6 +64,33 @@ def to_train_document(doc: synthetic.SyntheticDocument, tokenizer) -> batch_lib.
   return batch_lib.TrainDocument(doc.atomized(tokenizer), questions)
 
 
+def in_units(document: batch_lib.TrainDocument, split) -> batch_lib.TrainDocument:
+  """The document in a method's own units, `split(text, doc_id)` (d2l: its chunks), each question's evidence
+  carried to the units that overlap its evidence atoms.
+
+  Training must compile the units that evaluation compiles: a d2l adapter is trained on its whole document
+  (or 256-token chunk), not on one adapter per fact summed. The evidence teacher is keyed by question, not
+  by its evidence text, so a batch of re-split documents must not ask for it (`batch.build(evidence_teacher=
+  False)`; d2l has no atom-fidelity term).
+  """
+  doc = split(document.doc.text, document.doc.doc_id)
+
+  def evidence(atoms):
+    if atoms is None:
+      return None
+    spans = [(document.doc.atoms[i].char_start, document.doc.atoms[i].char_end) for i in atoms]
+    return tuple(j for j, u in enumerate(doc.atoms) if any(u.char_start < e and s < u.char_end for s, e in spans)) or None
+
+  return batch_lib.TrainDocument(doc, tuple(dataclasses.replace(q, evidence=evidence(q.evidence))
+                                            for q in document.questions))
+
+
+def method_units(documents: list[batch_lib.TrainDocument], method: str, split) -> list[batch_lib.TrainDocument]:
+  """A step's documents in the units `method` compiles: d2l's chunks (`in_units`); doc2atom and d2l_atom train
+  on the given atoms (the synthetic facts), whose evidence labels the router learns from."""
+  return [in_units(d, split) for d in documents] if method == "d2l" else documents
+
+
 def tfds_source(data_dir, *, seed: int, documents: int, documents_per_step: int, facts_per_document,
                 questions_per_document: int, paraphrases=(0, 1), process_index: int = 0, process_count: int = 1):
   """step -> this process's TrainDocuments, read from the prepared TFDS synthetic corpus."""

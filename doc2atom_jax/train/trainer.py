@@ -210,7 +210,8 @@ def train(system, documents_for_step, tcfg: TrainConfig, loss_cfg: step_lib.Loss
   try:
     for step in bar:
       t0 = time.perf_counter()
-      batch = batch_lib.build(model, documents_for_step(step), cache=cache, num_questions=local_questions)
+      batch = batch_lib.build(model, documents_for_step(step), cache=cache, num_questions=local_questions,
+                              evidence_teacher=loss_cfg.atom > 0)
       params, opt_state, metrics = run_step(params, opt_state, batch)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       nonfinite = 0 if metrics["finite"] else nonfinite + 1
