@@ -84,3 +84,31 @@ def test_batch_without_the_evidence_teacher_leaves_it_uncomputed(tmp_path):
   for name in full:
     if not name.startswith("ev_teacher"):
       np.testing.assert_array_equal(full[name], without[name])
+
+
+@pytest.mark.parametrize("variant", ["d2l", "d2l_atom"])
+def test_the_training_job_compiles_the_methods_own_units(tmp_path, monkeypatch, variant):
+  """modes.train end to end (tiny model, 2 steps): d2l's batches hold one unit per document (the whole
+  document, as evaluation compiles it) and never the evidence teacher; d2l_atom's one atom per given fact."""
+  from configs import tiny
+  from doc2atom_jax import modes
+
+  config = tiny.get_config(variant)
+  config.unlock()
+  config.train.steps, config.train.eval_every, config.eval.documents = 2, 0, 0
+  config.data.source = "generator"
+  seen = []
+  build = batch_lib.build
+
+  def spy(model, documents, **kw):
+    seen.append(([len(d.doc.atoms) for d in documents], [len(d.doc.token_ids) for d in documents],
+                 kw.get("evidence_teacher", True)))
+    return build(model, documents, **kw)
+
+  monkeypatch.setattr(batch_lib, "build", spy)
+  modes.train(config, tmp_path)
+  assert len(seen) == 2
+  lo, hi = config.data.facts_per_document
+  for units, _, evidence_teacher in seen:
+    assert not evidence_teacher  # no atom-fidelity term without a router
+    assert all(u == 1 for u in units) if variant == "d2l" else all(lo <= u <= hi for u in units)
