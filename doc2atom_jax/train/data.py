@@ -79,7 +79,8 @@ def in_units(document: batch_lib.TrainDocument, split) -> batch_lib.TrainDocumen
     if atoms is None:
       return None
     spans = [(document.doc.atoms[i].char_start, document.doc.atoms[i].char_end) for i in atoms]
-    return tuple(j for j, u in enumerate(doc.atoms) if any(u.char_start < e and s < u.char_end for s, e in spans)) or None
+    overlapping = (j for j, u in enumerate(doc.atoms) if any(u.char_start < e and s < u.char_end for s, e in spans))
+    return tuple(overlapping) or None
 
   return batch_lib.TrainDocument(doc, tuple(dataclasses.replace(q, evidence=evidence(q.evidence))
                                             for q in document.questions))
