@@ -97,8 +97,9 @@ def build(model, documents: list[TrainDocument], *, cache: teacher_lib.TeacherCa
     students.append(chat(prompts.question_prompt(q.question)))
     answers.append(ans)
     teachers.append(chat(prompts.in_context_prompt(d.doc.text, q.question)))
-    evidence_text = " ".join(d.doc.atoms[i].text for i in (q.evidence or ())) or d.doc.text
-    ev_teachers.append(chat(prompts.in_context_prompt(evidence_text, q.question)))
+    if evidence_teacher:
+      evidence_text = " ".join(d.doc.atoms[i].text for i in (q.evidence or ())) or d.doc.text
+      ev_teachers.append(chat(prompts.in_context_prompt(evidence_text, q.question)))
     keys.append(f"{d.doc.doc_id}\x00{q.qid}\x00{q.question}\x00{q.answer}")
   def teacher(prompts_, suffix):
     if cache is not None:
