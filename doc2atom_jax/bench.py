@@ -533,20 +533,20 @@ def _jsonable(x):
 # ---------------------------------------------------------------------------------------------------------
 def run(config, workdir: pathlib.Path | None, log: Callable[[str], None] = print) -> dict:
   """The whole benchmark -> results (also written to <output>/bench.json and bench.png; the table printed)."""
-  from doc2atom_jax import fileio, modes  # pylint: disable=import-outside-toplevel
+  from doc2atom_jax import fileio, system as system_lib  # pylint: disable=import-outside-toplevel
   from doc2atom_jax.eval import runner  # pylint: disable=import-outside-toplevel
 
   start = time.perf_counter()
   s = check_settings(config.bench)
   output = output_folder(config, workdir)
-  model = modes.load_model(config, scan_layers=config.bench.scan_layers)
+  model = system_lib.load_model(config, scan_layers=config.bench.scan_layers)
   limit = model.config.max_position_embeddings - runner.QUESTION_RESERVE - s["new_tokens"]
   over = [n for n in s["lengths"] if n > limit]
   if over:
     raise UserError(f"bench.lengths {over} exceed what fits {model.name}'s context of "
                     f"{model.config.max_position_embeddings} tokens with a question and {s['new_tokens']} new tokens "
                     f"(at most {limit} document tokens)")
-  system = modes.build_system(config, model=model)
+  system = system_lib.build_system(config, model=model)
   trained = bool(config.params)
   log(f"bench: {model.name}, compiler and router {'from ' + config.params if trained else 'untrained (initialized)'}"
       f"; {s['repeats']} timed repetitions after a warm-up per figure")

@@ -118,12 +118,12 @@ def parameter_counts() -> dict[str, int]:
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
   from configs import smollm2_synthetic  # pylint: disable=import-outside-toplevel
-  from doc2atom_jax import modes  # pylint: disable=import-outside-toplevel
+  from doc2atom_jax import system as system_lib  # pylint: disable=import-outside-toplevel
 
   counts, model = {}, None
   for m in METHODS:
     config = smollm2_synthetic.get_config(None if m == "doc2atom" else m)
-    system = modes.build_system(config, model=model)
+    system = system_lib.build_system(config, model=model)
     model = system.model
     state = nnx.state((system.compiler, system.router), nnx.Param)
     counts[m] = int(sum(x.size for x in jax.tree.leaves(state)))

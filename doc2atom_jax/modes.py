@@ -5,16 +5,10 @@ import pathlib
 import re
 import time
 
-from doc2atom_jax import fileio, models
+from doc2atom_jax import fileio
+from doc2atom_jax.system import build_system, check_trained, export_meta, load_model
 from doc2atom_jax.data import prompts
 from doc2atom_jax.errors import UserError
-
-
-def load_model(config, scan_layers: bool = False) -> models.BaseModel:
-  """The run's base model with its `config.model` settings (`scan_layers` True forces the scanned stack)."""
-  m = config.model
-  return models.load(m.name, dtype=m.dtype, scan_layers=bool(m.scan_layers or scan_layers),
-                     attention_block=m.get("attention_block", 512), remat=m.get("remat", "none"))
 
 
 def generate(config, workdir: pathlib.Path | None) -> list[dict]:
@@ -47,69 +41,6 @@ def generate(config, workdir: pathlib.Path | None) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------
 # The atom system: compile documents into a bank, ask a bank a question.
 # ---------------------------------------------------------------------------------------------------------
-def export_meta(path) -> dict:
-  """The metadata (export.json) of a parameter export; {} where it has none (loading it then explains)."""
-  from doc2atom_jax import checkpoint
-
-  meta_file = pathlib.Path(path) / checkpoint.META_FILE
-  if not meta_file.is_file():
-    return {}
-  try:
-    return json.loads(fileio.read_text(meta_file))
-  except json.JSONDecodeError as e:
-    raise UserError(f"{meta_file} is not valid JSON ({e.msg}): a damaged export?") from None
-
-
-def check_export(path, model_name: str, method: str) -> None:
-  """A parameter export must come from this base model and this method: another model's export can have the
-  same shapes (and would load), and would then compile garbage without a word."""
-  check_trained(export_meta(path), f"the export at {path}", model_name, method)
-
-
-def check_trained(meta: dict, what: str, model_name: str, method: str) -> None:
-  """The check of `check_export` on the metadata of an export or a training checkpoint ({"run", "model"})."""
-  trained_on = meta.get("model") or ((meta.get("run") or {}).get("model") or {}).get("name")
-  if trained_on and trained_on != model_name:
-    raise UserError(f"{what} was trained on base model {trained_on!r}, not {model_name!r}: set "
-                    f"--config.model.name={trained_on} or use an export of {model_name}")
-  trained_for = ((meta.get("run") or {}).get("atoms") or {}).get("method")
-  if trained_for and trained_for != method:
-    raise UserError(f"{what} was trained for method {trained_for!r}, not {method!r} "
-                    f"(--config=<file>.py:{trained_for} selects it)")
-
-
-def build_system(config, model=None, params: str | None = None):
-  """The atom system of a config (on `model` when given, else the config's), with `params` (default
-  `config.params`; "" = none) loaded."""
-  from doc2atom_jax.atoms import compiler as compiler_lib
-  from doc2atom_jax.atoms import pipeline
-
-  method = pipeline.MethodConfig(
-      method=config.atoms.method, min_atom_tokens=config.atoms.min_atom_tokens,
-      max_atom_tokens=config.atoms.max_atom_tokens, chunk_tokens=config.atoms.chunk_tokens, k=config.atoms.k,
-      normalization=config.atoms.normalization, max_chunk_tokens=config.atoms.max_chunk_tokens,
-      route_approx=bool(config.atoms.get("route_approx", False)))
-  model = model or load_model(config)
-  c = config.compiler
-  try:
-    compiler_cfg = compiler_lib.config_for(
-        model.config, targets=tuple(c.targets), rank=c.rank, code_dim=c.code_dim, width=c.width,
-        num_blocks=c.num_blocks, num_heads=c.num_heads, key_dim=c.key_dim, default_rank=c.default_rank,
-        alpha=c.alpha, copy_dim=c.copy_dim,
-        copy_gain_scale=c.copy_gain_scale)
-  except ValueError as e:
-    raise UserError(f"bad compiler config: {e}") from None
-  system = pipeline.AtomSystem.create(model, compiler_cfg, method, seed=config.seed)
-  params = config.params if params is None else params
-  if params:
-    from doc2atom_jax import checkpoint
-
-    check_export(params, model.name, config.atoms.method)
-    meta = checkpoint.load_params((system.compiler, system.router), params)
-    print(f"loaded trained compiler and router from {params} (step {meta.get('step')})")
-  return system
-
-
 def read_documents(path) -> list[tuple[str, str]]:
   """(doc_id, text) pairs from a JSONL file, one document per distinct doc_id (QA files repeat contexts)."""
   docs: dict[str, str] = {}

@@ -18,6 +18,7 @@ from flax import nnx
 
 from configs import tiny
 from doc2atom_jax import modes, peft_export
+from doc2atom_jax import system as system_lib
 from doc2atom_jax.atoms import compose, pipeline
 from doc2atom_jax.data import prompts
 from doc2atom_jax.errors import UserError
@@ -76,7 +77,7 @@ def trained(tmp_path_factory):
   """A 2-step mode=train run (its trained modules kept) and a float32 mode=export of its newest checkpoint."""
   workdir = tmp_path_factory.mktemp("run")
   systems = []
-  build = modes.build_system
+  build = system_lib.build_system
 
   def keep(*args, **kwargs):
     systems.append(build(*args, **kwargs))
@@ -104,7 +105,7 @@ def test_export_of_the_newest_checkpoint_reloads_to_the_trained_modules(trained,
 
   # Loaded through the project from a copy away from the training workdir (as eval, compile and ask load it).
   elsewhere = shutil.copytree(workdir / "exported", tmp_path / "elsewhere")
-  loaded = modes.build_system(with_params(config(), elsewhere))
+  loaded = system_lib.build_system(with_params(config(), elsewhere))
   for got, want in zip(jax.tree.leaves(params_of(loaded)), jax.tree.leaves(params_of(system))):
     np.testing.assert_array_equal(got, want)
   a, b = loaded.compile_document(DOCUMENT, "d"), system.compile_document(DOCUMENT, "d")
@@ -112,7 +113,7 @@ def test_export_of_the_newest_checkpoint_reloads_to_the_trained_modules(trained,
   np.testing.assert_array_equal(a.keys, b.keys)
   np.testing.assert_array_equal(logits(loaded, composed(loaded)[0]), logits(system, composed(system)[0]))
   # mode=train's own export (the same modules, written at the end of the run) holds the same numbers.
-  final = modes.build_system(with_params(config(), workdir / "export"))
+  final = system_lib.build_system(with_params(config(), workdir / "export"))
   for got, want in zip(jax.tree.leaves(params_of(final)), jax.tree.leaves(params_of(loaded))):
     np.testing.assert_array_equal(got, want)
 
@@ -122,7 +123,7 @@ def test_export_of_one_checkpoint_step(trained, tmp_path):
   workdir, system, _ = trained
   out = modes.export(config(source=str(workdir / "checkpoints" / "1"), output=str(tmp_path / "step1")), None)
   assert json.loads((out["params"] / "export.json").read_text())["step"] == 1
-  step1 = modes.build_system(with_params(config(), out["params"]))
+  step1 = system_lib.build_system(with_params(config(), out["params"]))
   moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params_of(step1)),
                                                     jax.tree.leaves(params_of(system)))]
   assert any(moved)  # the second step changed parameters: this is the first step's
@@ -136,7 +137,7 @@ def test_bfloat16_export_is_half_the_size_and_reloads_rounded(trained, tmp_path)
   ratio = size(out["params"] / "params") / size(workdir / "exported" / "params")
   assert 0.4 < ratio < 0.6, ratio
 
-  loaded = modes.build_system(with_params(config(), out["params"]))
+  loaded = system_lib.build_system(with_params(config(), out["params"]))
   for got, want in zip(jax.tree.leaves(params_of(loaded)), jax.tree.leaves(params_of(system))):
     assert got.dtype == jnp.float32  # cast back on load: eval and ask compute as before
     np.testing.assert_array_equal(got, np.asarray(want).astype(jnp.bfloat16).astype(np.float32))

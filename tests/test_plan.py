@@ -18,7 +18,8 @@ import pytest
 from flax import nnx
 
 from configs import gemma2_2b_it, tiny
-from doc2atom_jax import modes, parallel
+from doc2atom_jax import parallel
+from doc2atom_jax import system as system_lib
 from doc2atom_jax import plan as plan_lib
 from doc2atom_jax.atoms import atomize
 from doc2atom_jax.errors import UserError
@@ -47,7 +48,7 @@ def test_planner_equals_the_shards_and_the_compiled_step(plan, shape):
   assert planned["mesh"] == dict(zip(parallel.MESH_AXES, shape)) and planned["devices"] == 8
 
   # The trainer's layout, as trainer.train builds it, for the same config.
-  system = modes.build_system(config)
+  system = system_lib.build_system(config)
   model = system.model
   graphdef, params = nnx.split((system.compiler, system.router))
   t = config.train

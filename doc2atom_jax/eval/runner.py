@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from doc2atom_jax import fileio, paths
+from doc2atom_jax import system as system_lib
 from doc2atom_jax.data import evidence as evidence_lib
 from doc2atom_jax.data import prompts, qa, synthetic
 from doc2atom_jax.errors import UserError
@@ -842,27 +843,6 @@ def resolve_methods(requested: Sequence[str], exports: Mapping[str, str], capaci
   return tuple(m for m in METHODS if m in wanted)
 
 
-def trained_system(config, method: str, path: str, model):
-  """The AtomSystem of a separately trained method: the eval config with the export's own atoms and compiler
-  sections (as it was trained; the method's variant where the export does not record them), on `model`."""
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  from doc2atom_jax import modes  # pylint: disable=import-outside-toplevel  (modes imports this module lazily)
-
-  modes.check_export(path, model.name if model is not None else config.model.name, method)
-  run = modes.export_meta(path).get("run") or {}
-  values = config.to_dict()
-  values["params"] = path
-  if isinstance(run.get("atoms"), dict) and isinstance(run.get("compiler"), dict):
-    values["atoms"].update(run["atoms"])
-    values["compiler"].update(run["compiler"])
-    derived = ml_collections.ConfigDict(values)
-  else:
-    from configs import variants  # pylint: disable=import-outside-toplevel  (a repository module, not packaged)
-
-    derived = variants.apply(ml_collections.ConfigDict(values), method)
-  return modes.build_system(derived, model=model)
-
-
 def _coverage_section(coverage: Mapping[str, Coverage], settings: Settings, limit: int, wall_seconds: float) -> str:
   rows = [[name, str(c.documents), str(c.questions), str(c.skipped_long), f"{c.seconds:.1f}", c.note]
           for name, c in coverage.items()]
@@ -878,7 +858,6 @@ def _coverage_section(coverage: Mapping[str, Coverage], settings: Settings, limi
 def run(config, workdir: pathlib.Path | None) -> pathlib.Path:
   """mode=eval: the configured methods on the configured datasets -> the report folder (default
   <workdir>/eval): report.md, results.json and the plots."""
-  from doc2atom_jax import modes  # pylint: disable=import-outside-toplevel
   from doc2atom_jax.eval import report as report_lib  # pylint: disable=import-outside-toplevel
 
   start = time.perf_counter()
@@ -898,13 +877,13 @@ def run(config, workdir: pathlib.Path | None) -> pathlib.Path:
                       capacity_doc_rank=e.capacity_doc_rank, capacity_learning_rate=e.capacity_learning_rate)
   # A scanned layer stack compiles ~6x faster than the unrolled loop and runs as fast (SmolLM2, 2 CPU cores):
   # an evaluation compiles a few dozen shapes, so that is most of a cold run's time.
-  model = modes.load_model(config, scan_layers=e.scan_layers)
-  main = modes.build_system(config, model=model)
+  model = system_lib.load_model(config, scan_layers=e.scan_layers)
+  main = system_lib.build_system(config, model=model)
   if not config.params:
     print("note: no --config.params: doc2atom's compiler and router are untrained (initialized)")
-  systems = {"doc2atom": main, **{m: trained_system(config, m, p, main.model) for m, p in exports.items()
+  systems = {"doc2atom": main, **{m: system_lib.trained_system(config, m, p, main.model) for m, p in exports.items()
                                   if m in methods}}
-  trained = modes.export_meta(config.params) if config.params else {}
+  trained = system_lib.export_meta(config.params) if config.params else {}
   datasets, coverage = load_datasets(
       tuple(e.datasets) or default_datasets(), main.model, settings, max_questions=e.max_questions,
       synthetic_documents=e.synthetic_documents, facts_per_document=tuple(e.facts_per_document),

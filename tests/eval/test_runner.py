@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from doc2atom_jax import checkpoint, modes
+from doc2atom_jax import checkpoint
+from doc2atom_jax import system as system_lib
 from doc2atom_jax.atoms import bank as bank_lib
 from doc2atom_jax.data import qa
 from doc2atom_jax.errors import UserError
@@ -37,7 +38,7 @@ def config(variant=None, **eval_overrides):
 
 def export(path, c, *, steps=2, model=None):
   """An export as mode=train writes it (untrained parameters): params + export.json with the run's config."""
-  system = modes.build_system(c, model=model)
+  system = system_lib.build_system(c, model=model)
   run = {k: v for k, v in c.to_dict().items() if k not in ("mode", "params", "eval")}
   checkpoint.export_params((system.compiler, system.router), path, {"run": run, "step": steps,
                                                                      "model": system.model.name})
@@ -114,7 +115,7 @@ def test_oracle_uses_exactly_the_evidence_atoms_of_labelled_questions(evaluated)
 
 def test_oracle_composes_the_evidence_atoms_at_uniform_weight(monkeypatch):
   c = config()
-  system = modes.build_system(c)
+  system = system_lib.build_system(c)
   doc = runner.unseen_synthetic(1, (6,), seed=0, questions=8)[0]
   run = runner.DocumentRun(doc, {"doc2atom": system}, code_dtype="bfloat16", trunc_tokens=64)
   seen = {}
@@ -169,7 +170,7 @@ def test_always_refusing_method_scores_full_refusal_and_full_false_refusal(monke
   monkeypatch.setenv("DOC2ATOM_CACHE", str(tmp_path / "cache"))  # the teacher comes from the disk cache here
   refuse = lambda run, rows: runner.Inputs(["-"] * len(rows), answers=["I don't know."] * len(rows))
   monkeypatch.setitem(runner.BUILDERS, "always_refuse", refuse)
-  system = modes.build_system(config())
+  system = system_lib.build_system(config())
   docs = runner.unseen_synthetic(1, (4,), seed=0, questions=8) + runner.from_qa(qa.load_source("squad_v2")[:12],
                                                                                   "squad_v2")[:1]
   records = []
@@ -187,7 +188,7 @@ def test_always_refusing_method_scores_full_refusal_and_full_false_refusal(monke
 
 
 def test_generation_that_hits_the_token_limit_is_scored():
-  system = modes.build_system(config())
+  system = system_lib.build_system(config())
   model = system.model
   out, counts = runner.generate_tokens(model, runner.chat_ids(model, ["Say something long."] * 2), max_new_tokens=5,
                                        stop=False)
@@ -226,17 +227,17 @@ def test_export_of_another_base_model_is_a_user_error(tmp_path):
   c = config()
   c.params = str(tmp_path / "mistral")
   with pytest.raises(UserError, match="trained on base model 'tiny-random-mistral', not 'tiny-random-llama'"):
-    modes.build_system(c)
+    system_lib.build_system(c)
   d2l = config("d2l")
   export(tmp_path / "d2l", d2l)
   c.params = str(tmp_path / "d2l")
   with pytest.raises(UserError, match="trained for method 'd2l', not 'doc2atom'"):
-    modes.build_system(c)
+    system_lib.build_system(c)
   mistral_d2l = config("d2l_atom")
   mistral_d2l.model.name = "tiny-random-mistral"
   export(tmp_path / "mistral_d2l_atom", mistral_d2l)
   with pytest.raises(UserError, match="trained on base model 'tiny-random-mistral'"):
-    runner.trained_system(config(), "d2l_atom", str(tmp_path / "mistral_d2l_atom"), modes.load_model(config()))
+    system_lib.trained_system(config(), "d2l_atom", str(tmp_path / "mistral_d2l_atom"), system_lib.load_model(config()))
 
 
 def test_dataset_with_no_answerable_question_is_a_user_error(tmp_path):

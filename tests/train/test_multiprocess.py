@@ -179,10 +179,11 @@ def test_export_of_two_processes_holds_the_trained_parameters(runs):
   from flax import nnx
 
   from configs import tiny
-  from doc2atom_jax import checkpoint, modes
+  from doc2atom_jax import checkpoint
+  from doc2atom_jax import system as system_lib
 
   config = tiny.get_config()
-  exported, saved = modes.build_system(config), modes.build_system(config)
+  exported, saved = system_lib.build_system(config), system_lib.build_system(config)
   checkpoint.load_params((exported.compiler, exported.router), runs["root"] / "b" / "export")
   checkpoint.load_checkpoint_params((saved.compiler, saved.router), runs["root"] / "b" / "checkpoints", 3)
   for x, y in zip(jax.tree.leaves(nnx.state((exported.compiler, exported.router), nnx.Param)),
@@ -295,13 +296,13 @@ def test_bad_settings_fail_before_connecting(settings, message):
 
 def test_each_process_builds_its_share_of_the_global_batch():
   from configs import tiny
-  from doc2atom_jax import modes
+  from doc2atom_jax import system as system_lib
   from doc2atom_jax.train import data as data_lib
 
   config = tiny.get_config()
   with config.unlocked():
     config.data.source, config.data.documents_per_step = "generator", 4
-  tokenizer = modes.load_model(config).tokenizer
+  tokenizer = system_lib.load_model(config).tokenizer
   ids = lambda source, step: [d.doc.doc_id for d in source(step, tokenizer)]
   one = data_lib.source_from_config(config)
   shares = [data_lib.source_from_config(config, process_index=p, process_count=2) for p in (0, 1)]

@@ -4,7 +4,7 @@ import jax
 from flax import nnx
 
 from configs import tiny
-from doc2atom_jax import modes
+from doc2atom_jax import system as system_lib
 from doc2atom_jax.train import batch as batch_lib
 from doc2atom_jax.train import data as data_lib
 from doc2atom_jax.train import step as step_lib
@@ -27,7 +27,7 @@ def test_tiny_config_loss_falls_within_a_few_dozen_steps(tmp_path):
     config.train.steps = STEPS
     config.train.checkpoint_every = STEPS
     config.data.source = "generator"
-  system = modes.build_system(config)
+  system = system_lib.build_system(config)
   loss_cfg = step_lib.loss_config(config)
   heldout = [data_lib.to_train_document(d, system.model.tokenizer) for d in data_lib.heldout_documents(config, 6)]
   batches = [batch_lib.build(system.model, [d]) for d in heldout]
