@@ -39,11 +39,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from doc2atom_jax import variants
+from doc2atom_jax.atoms import encode
 from doc2atom_jax.errors import UserError
 from doc2atom_jax.eval import costs as costs_lib
-
-D2L_RANK = 8  # Doc-to-LoRA's rank per document (or chunk), as configs/variants.py
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Timing.
@@ -142,17 +141,6 @@ def _forward_fn(model, tokens, mask, adapter=None):
   return lambda: base._forward(model.weights, model.config, tokens, mask, adapter, False, True).logits  # pylint: disable=protected-access
 
 
-def _padded_document(model, text: str):
-  """The document's tokens [1, T] padded as `encode.document_states` pads them (and the mask)."""
-  from doc2atom_jax.atoms import encode  # pylint: disable=import-outside-toplevel
-
-  ids = np.asarray(model.encode(text), np.int32)[:model.config.max_position_embeddings]
-  length = min(-(-len(ids) // encode.LENGTH_BUCKET) * encode.LENGTH_BUCKET, model.config.max_position_embeddings)
-  tokens = np.zeros((1, length), np.int32)
-  tokens[0, :len(ids)] = ids
-  return tokens, np.arange(length)[None] < len(ids)
-
-
 def measure_documents(system, config, s: dict, log) -> tuple[dict, dict]:
   """Per document length: answer latency (both methods), compile vs forward, bytes per document."""
   from doc2atom_jax.eval import runner  # pylint: disable=import-outside-toplevel
@@ -164,7 +152,7 @@ def measure_documents(system, config, s: dict, log) -> tuple[dict, dict]:
   question = dataclasses.replace(runner.from_synthetic(synthetic_docs[0], "bench", "unseen").questions[0],
                                  fact_evidence=())
   number_bytes = costs_lib.float_bytes(config.atoms.code_dtype)  # factors and KV cache (bfloat16 for int8 codes)
-  d2l_cfg = dataclasses.replace(system.cfg, rank=D2L_RANK)
+  d2l_cfg = dataclasses.replace(system.cfg, rank=variants.D2L_RANK)
   out, runs = {}, {}
   for length in s["lengths"]:
     repeats = s["long_repeats"] if length >= s["long_from"] else s["repeats"]
@@ -178,7 +166,9 @@ def measure_documents(system, config, s: dict, log) -> tuple[dict, dict]:
     compile_once = lambda: compiled.append(system.compile_document(text, doc.doc_id)) or compiled[-1].codes  # pylint: disable=cell-var-from-loop
     r["compile_seconds"] = timed(compile_once, repeats)
     run.use_compiled("doc2atom", compiled[-1])  # the timed compile is the document's internalization
-    r["forward_seconds"] = timed(_forward_fn(model, *_padded_document(model, text)), repeats)
+    context = model.config.max_position_embeddings
+    ids = np.asarray(model.encode(text), np.int32)[:context]
+    r["forward_seconds"] = timed(_forward_fn(model, *encode.padded_document(ids, context)), repeats)
     r["answer_seconds"] = {
         "doc2atom": timed(runner._answer_fn(run, "doc2atom", s["new_tokens"]), repeats),  # pylint: disable=protected-access
         "in_context": timed(runner._answer_fn(run, "in_context", s["new_tokens"], reuse_prefix=False),  # pylint: disable=protected-access
@@ -287,15 +277,16 @@ def measure_train_step(system, config, s: dict, ceiling: dict, log) -> dict:
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
   from doc2atom_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+  from doc2atom_jax.data import records  # pylint: disable=import-outside-toplevel
   from doc2atom_jax.train import batch as batch_lib  # pylint: disable=import-outside-toplevel
   from doc2atom_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
 
   model = system.model
   doc = synthetic.document("train", 0, seed=config.seed, facts_per_document=tuple(config.data.facts_per_document),
                            questions_per_document=config.data.questions_per_document)
-  questions = tuple(batch_lib.Question(q.qid, q.question, q.answer, tuple(q.evidence) or None,
+  questions = tuple(records.TrainQuestion(q.qid, q.question, q.answer, tuple(q.evidence) or None,
                                        out_of_scope=q.kind == "out_of_scope") for q in doc.questions)
-  batch = batch_lib.build(model, [batch_lib.TrainDocument(doc.atomized(model.tokenizer), questions)])
+  batch = batch_lib.build(model, [records.TrainDocument(doc.atomized(model.tokenizer), questions)])
   batch = jax.tree.map(jnp.asarray, batch)
   graphdef, params = nnx.split((system.compiler, system.router))
   t = config.train

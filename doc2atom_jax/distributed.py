@@ -35,6 +35,7 @@ import types
 import jax
 import numpy as np
 
+from doc2atom_jax import shapes
 from doc2atom_jax.errors import UserError
 
 MODES = ("auto", "on", "off")
@@ -247,10 +248,9 @@ def process_sum(value: float) -> float:
 
 
 def agree_on_shapes(batch: dict, floor: dict) -> tuple[dict, dict]:
-  """`batch_lib.pad_up` to the per-axis maximum over processes: every process then feeds the same shapes."""
-  from doc2atom_jax.train import batch as batch_lib
-
-  batch, floor = batch_lib.pad_up(batch, floor)
+  """`shapes.pad_up` to the per-axis maximum over processes: every process then feeds the same shapes."""
+  
+  batch, floor = shapes.pad_up(batch, floor)
   if jax.process_count() == 1:
     return batch, floor
   names = sorted(floor)
@@ -260,7 +260,7 @@ def agree_on_shapes(batch: dict, floor: dict) -> tuple[dict, dict]:
   for n in names:
     agreed[n] = tuple(int(d) for d in most[i:i + len(floor[n])])
     i += len(floor[n])
-  return batch_lib.pad_up(batch, agreed)
+  return shapes.pad_up(batch, agreed)
 
 
 def global_batch(batch: dict, shardings_for):

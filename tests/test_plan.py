@@ -23,6 +23,7 @@ from doc2atom_jax import system as system_lib
 from doc2atom_jax import plan as plan_lib
 from doc2atom_jax.atoms import atomize
 from doc2atom_jax.errors import UserError
+from doc2atom_jax.data import records
 from doc2atom_jax.train import batch as batch_lib
 from doc2atom_jax.train import step as step_lib
 from doc2atom_jax.train import trainer
@@ -68,10 +69,10 @@ def test_planner_equals_the_shards_and_the_compiled_step(plan, shape):
   assert rows[OPT] == per_chip(s_opt)
   assert rows[TRAINABLE] < sum(x.nbytes for x in jax.tree.leaves(params)) / 2  # really sharded
 
-  qs = (batch_lib.Question("q0", "When was Velkor Amsten born?", "1943", (0,)),
-        batch_lib.Question("q1", "Who founded the Tarnow Institute?", "Velkor Amsten", (1,)),
-        batch_lib.Question("q2", "How many employees does the institute have?", "412", (2,)))
-  batch = batch_lib.build(model, [batch_lib.TrainDocument(atomize.atomize(TEXT, "d0", model.tokenizer), qs)],
+  qs = (records.TrainQuestion("q0", "When was Velkor Amsten born?", "1943", (0,)),
+        records.TrainQuestion("q1", "Who founded the Tarnow Institute?", "Velkor Amsten", (1,)),
+        records.TrainQuestion("q2", "How many employees does the institute have?", "412", (2,)))
+  batch = batch_lib.build(model, [records.TrainDocument(atomize.atomize(TEXT, "d0", model.tokenizer), qs)],
                           num_questions=8)
   b_sh = parallel.batch_shardings(batch, mesh, trainer.QUESTION_FIELDS, rules)
   s_batch = jax.device_put(batch, b_sh)

@@ -20,6 +20,7 @@ from doc2atom_jax.atoms import compiler as compiler_lib
 from doc2atom_jax.atoms import router as router_lib
 from doc2atom_jax.errors import UserError
 from doc2atom_jax.models import base
+from doc2atom_jax.data import records
 from doc2atom_jax.train import batch as batch_lib
 from doc2atom_jax.train import step as step_lib
 from doc2atom_jax.train import trainer
@@ -38,12 +39,12 @@ def setup():
   rngs = nnx.Rngs(0)
   graphdef, params = nnx.split((compiler_lib.AtomCompiler(cfg, rngs=rngs), router_lib.Router(cfg, rngs=rngs)))
   doc = atomize.atomize(TEXT, "d0", model.tokenizer)
-  qs = (batch_lib.Question("q0", "When was Velkor Amsten born?", "1943", (0,)),
-        batch_lib.Question("q1", "Who founded the Tarnow Institute?", "Velkor Amsten", (1,)),
-        batch_lib.Question("q2", "How many employees does the institute have?", "412", (2,)),
-        batch_lib.Question("q3", "What is the capital of Orvale?", "unknown", None, out_of_scope=True))
+  qs = (records.TrainQuestion("q0", "When was Velkor Amsten born?", "1943", (0,)),
+        records.TrainQuestion("q1", "Who founded the Tarnow Institute?", "Velkor Amsten", (1,)),
+        records.TrainQuestion("q2", "How many employees does the institute have?", "412", (2,)),
+        records.TrainQuestion("q3", "What is the capital of Orvale?", "unknown", None, out_of_scope=True))
   # 8 question rows (4 padded, masked): the example axis splits over all 8 devices under dp.
-  batch = jax.tree.map(jnp.asarray, batch_lib.build(model, [batch_lib.TrainDocument(doc, qs)], k=8, num_questions=8))
+  batch = jax.tree.map(jnp.asarray, batch_lib.build(model, [records.TrainDocument(doc, qs)], k=8, num_questions=8))
   optimizer = step_lib.make_optimizer(1e-3, warmup_steps=1)
   static = dict(graphdef=graphdef, model_cfg=model.config, loss_cfg=step_lib.LossConfig(k=2), optimizer=optimizer)
   fn = lambda p, o, w, b: step_lib.train_step(p, o, w, b, **static)

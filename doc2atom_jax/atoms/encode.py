@@ -11,14 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from doc2atom_jax import shapes
 from doc2atom_jax.models import decoder as decoder_lib
 
 LENGTH_BUCKET = 128
 SPAN_BUCKET = 16
-
-
-def _round_up(n: int, multiple: int) -> int:
-  return max(multiple, -(-n // multiple) * multiple)
 
 
 def layer_states(weights, cfg, tokens, mask, layers):
@@ -31,6 +28,15 @@ def layer_states(weights, cfg, tokens, mask, layers):
 layer_states_jit = jax.jit(layer_states, static_argnames=("cfg", "layers"))
 
 
+def padded_document(ids, context: int) -> tuple[np.ndarray, np.ndarray]:
+  """A document's tokens as one [1, T] row right-padded to a multiple of LENGTH_BUCKET (at most `context`),
+  and its mask: the shape `document_states` runs (and the benchmark times a plain forward on)."""
+  length = min(shapes.multiple(len(ids), LENGTH_BUCKET), context)
+  tokens = np.zeros((1, length), np.int32)
+  tokens[0, :len(ids)] = ids
+  return tokens, np.arange(length)[None] < len(ids)
+
+
 def document_states(model, token_ids, max_chunk_tokens: int | None = None) -> jax.Array:
   """States at the input of every layer for a document's tokens: [L, T, d] (float32)."""
   cfg = model.config
@@ -38,14 +44,10 @@ def document_states(model, token_ids, max_chunk_tokens: int | None = None) -> ja
   token_ids = np.asarray(token_ids, np.int32)
   pieces = []
   for start in range(0, len(token_ids), chunk):
-    ids = token_ids[start:start + chunk]
-    length = min(_round_up(len(ids), LENGTH_BUCKET), cfg.max_position_embeddings)
-    tokens = np.zeros((1, length), np.int32)
-    tokens[0, :len(ids)] = ids
-    mask = np.arange(length)[None] < len(ids)
+    tokens, mask = padded_document(token_ids[start:start + chunk], cfg.max_position_embeddings)
     states = layer_states_jit(model.weights, cfg, jnp.asarray(tokens), jnp.asarray(mask),
                               layers=tuple(range(cfg.num_layers)))
-    pieces.append(states[:, 0, :len(ids)])
+    pieces.append(states[:, 0, :min(chunk, len(token_ids) - start)])
   return jnp.concatenate(pieces, axis=1)
 
 
@@ -89,7 +91,7 @@ def embedding_basis(embed, dim: int, max_rows: int = 32768, seed: int = 0) -> np
 def span_indices(atoms, span_bucket: int = SPAN_BUCKET) -> tuple[np.ndarray, np.ndarray]:
   """Token positions of each atom, padded: (indices [N, S], mask [N, S]), S a multiple of span_bucket."""
   longest = max(a.token_end - a.token_start for a in atoms)
-  width = _round_up(longest, span_bucket)
+  width = shapes.multiple(longest, span_bucket)
   idx = np.zeros((len(atoms), width), np.int32)
   mask = np.zeros((len(atoms), width), bool)
   for i, a in enumerate(atoms):

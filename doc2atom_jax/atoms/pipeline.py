@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from doc2atom_jax import shapes
 from doc2atom_jax.atoms import atomize, bank as bank_lib, chunk, compose, encode
 from doc2atom_jax.atoms import compiler as compiler_lib
 from doc2atom_jax.atoms import router as router_lib
@@ -25,6 +26,7 @@ from doc2atom_jax.errors import UserError
 
 METHODS = ("doc2atom", "d2l", "d2l_atom")
 ATOM_BUCKET = 16  # atoms per document are padded to a multiple of this when compiling
+QUESTION_BUCKET = 32  # question prompts (routing) are padded to a multiple of this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,13 +88,15 @@ class AtomSystem:
     return atomize.atomize(text, doc_id, self.model.tokenizer, min_atom_tokens=self.method.min_atom_tokens,
                            max_atom_tokens=self.method.max_atom_tokens)
 
-  def compile_document(self, text: str, doc_id: str) -> bank_lib.BankDocument:
-    """One frozen pass over the document + one compiler call for all its atoms (padded, masked)."""
-    doc = self.split(text, doc_id)
+  def compile_document(self, text: str, doc_id: str,
+                       split: atomize.AtomizedDocument | None = None) -> bank_lib.BankDocument:
+    """One frozen pass over the document + one compiler call for all its atoms (padded, masked). `split` is
+    `self.split(text, doc_id)` where the caller has it already (mode=compile splits every document first)."""
+    doc = split if split is not None else self.split(text, doc_id)
     states = encode.document_states(self.model, doc.token_ids, self.method.max_chunk_tokens or None)
     idx, mask = encode.span_indices(doc.atoms)
     n = len(doc.atoms)
-    padded = -(-n // ATOM_BUCKET) * ATOM_BUCKET
+    padded = shapes.multiple(n, ATOM_BUCKET)
     idx = np.pad(idx, ((0, padded - n), (0, 0)))
     mask = np.pad(mask, ((0, padded - n), (0, 0)))
     mask[n:, 0] = True  # padding atoms read one token so nothing divides by zero; dropped below
@@ -107,7 +111,7 @@ class AtomSystem:
   def question_states(self, questions: list[str]):
     """Key-layer states of the questions alone in the chat template: ([B, T, d], mask [B, T])."""
     seqs = [self.model.encode(self.model.chat_prompt(prompts.question_prompt(q))) for q in questions]
-    length = -(-max(map(len, seqs)) // 32) * 32
+    length = shapes.multiple(max(map(len, seqs)), QUESTION_BUCKET)
     tokens = np.zeros((len(seqs), length), np.int32)
     mask = np.zeros((len(seqs), length), bool)
     for i, s in enumerate(seqs):
@@ -155,13 +159,16 @@ class AtomSystem:
     indices, weights, abstain = self.select(bank, questions, doc_id)
     answers = self.model.generate([prompts.question_prompt(q) for q in questions], max_new_tokens=max_new_tokens,
                                   adapter=self.adapter(bank, indices, weights))
-    results = []
-    for q, a, idx, w, abst in zip(questions, answers, indices, weights, abstain):
-      used = [{"atom": "null" if i == compose.NULL_INDEX else _provenance(bank.atoms[i]), "weight": float(wt)}
-              for i, wt in zip(idx.tolist(), w.tolist()) if wt > 0]
-      results.append({"question": q, "answer": "unknown" if abst else a.strip(), "abstained": bool(abst),
-                      "model_answer": a.strip(), "atoms": used})
-    return results
+    return [{"question": q, "answer": "unknown" if abst else a.strip(), "abstained": bool(abst),
+             "model_answer": a.strip(), "atoms": atoms_used(bank, idx, w)}
+            for q, a, idx, w, abst in zip(questions, answers, indices, weights, abstain)]
+
+
+def atoms_used(bank: bank_lib.AtomBank, indices, weights) -> list[dict]:
+  """One question's composition as `answer` and mode=export report it: the atoms of positive weight (the null
+  atom as "null") with their provenance."""
+  return [{"atom": "null" if i == compose.NULL_INDEX else _provenance(bank.atoms[i]), "weight": float(w)}
+          for i, w in zip(np.asarray(indices).tolist(), np.asarray(weights).tolist()) if w > 0]
 
 
 def _provenance(atom) -> dict:

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 
 from doc2atom_jax.atoms.atomize import Atom
 from doc2atom_jax.data.qa import QAExample
-from doc2atom_jax.eval.metrics import is_unanswerable, normalize_answer
+from doc2atom_jax.data.answers import is_unanswerable, normalize_answer
 
 
 def _contains(haystack: str, needle: str) -> bool:

@@ -23,8 +23,8 @@ from doc2atom_jax.atoms import atomize
 from doc2atom_jax.data import evidence as evidence_lib
 from doc2atom_jax.data import synthetic, tfds_builders
 from doc2atom_jax.errors import UserError
-from doc2atom_jax.eval import metrics
-from doc2atom_jax.train import batch as batch_lib
+from doc2atom_jax.data import answers as answers_lib
+from doc2atom_jax.data import records as records_lib
 
 # Small by default: elements are tokenized documents, and a training step consumes one at a time.
 DEFAULT_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
@@ -151,17 +151,17 @@ def _evidence(question: Mapping, atoms: Sequence[atomize.Atom], given: bool) -> 
   return tuple(stored) or None  # out-of-scope questions have no evidence: unlabelled
 
 
-def _question(question: Mapping, atoms: Sequence[atomize.Atom], given: bool) -> batch_lib.Question:
+def _question(question: Mapping, atoms: Sequence[atomize.Atom], given: bool) -> records_lib.TrainQuestion:
   """The first reference is the target; out-of-scope from `kind`, else from having no real answer."""
   answers = list(question.get("answers") or [])
   kind = question.get("kind")
-  out_of_scope = kind == "out_of_scope" if kind is not None else metrics.is_unanswerable(answers)
+  out_of_scope = kind == "out_of_scope" if kind is not None else answers_lib.is_unanswerable(answers)
   answer = answers[0] if answers else synthetic.UNKNOWN
-  return batch_lib.Question(question["id"], question["question"], answer, _evidence(question, atoms, given),
+  return records_lib.TrainQuestion(question["id"], question["question"], answer, _evidence(question, atoms, given),
                             out_of_scope=out_of_scope)
 
 
-def record_to_train_document(record: Mapping, tokenizer) -> batch_lib.TrainDocument:
+def record_to_train_document(record: Mapping, tokenizer) -> records_lib.TrainDocument:
   """A decoded record -> TrainDocument: given fact spans are the atoms, else the rule-based atomizer's."""
   given = bool(record["fact_spans"])
   if given:
@@ -170,9 +170,9 @@ def record_to_train_document(record: Mapping, tokenizer) -> batch_lib.TrainDocum
   else:
     doc = atomize.atomize(record["text"], record["doc_id"], tokenizer)
   questions = tuple(_question(q, doc.atoms, given) for q in record["questions"])
-  return batch_lib.TrainDocument(doc, questions)
+  return records_lib.TrainDocument(doc, questions)
 
 
-def records_to_train_documents(records: Sequence[Mapping], tokenizer) -> list[batch_lib.TrainDocument]:
+def records_to_train_documents(records: Sequence[Mapping], tokenizer) -> list[records_lib.TrainDocument]:
   """Decoded records (`training_documents(step)`) -> the trainer's documents."""
   return [record_to_train_document(r, tokenizer) for r in records]

@@ -4,7 +4,7 @@
   * `local:<path.jsonl>`: a JSONL file in the project schema (one example per line):
     `{"id", "dataset", "doc_id", "context", "question", "answers": [...]}`, plus optional `evidence` (atom
     indices) and `kind` (question type), which the synthetic corpus writes. Unanswerable: `answers: []`
-    (or only refusals, like the synthetic "unknown"; see `metrics.is_unanswerable`).
+    (or only refusals, like the synthetic "unknown"; see `answers.is_unanswerable`).
   * a bundled development sample by dataset name (BUNDLED): `<name>.<split>.jsonl` in the shared QA folder
     (`$DOC2ATOM_QA_DIR`, else the first `shared/data/qa` found walking up from this package).
   * a remote benchmark (REMOTE): TFDS via `tfds.data_source` (array_record; `tfds.load`/`as_dataset` would
@@ -25,7 +25,7 @@ from typing import Any
 
 from doc2atom_jax import fileio
 from doc2atom_jax.errors import UserError
-from doc2atom_jax.eval import metrics
+from doc2atom_jax.data import answers as answers_lib
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class QAExample:
   @property
   def answerable(self) -> bool:
     """False for no answers or only refusals (the synthetic out-of-scope answer "unknown")."""
-    return not metrics.is_unanswerable(self.answers)
+    return not answers_lib.is_unanswerable(self.answers)
 
 
 @dataclasses.dataclass

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from doc2atom_jax import shapes
 from doc2atom_jax.atoms import atomize, bank as bank_lib
 from doc2atom_jax.data import prompts
 from doc2atom_jax.errors import UserError
@@ -48,30 +49,14 @@ def in_memory_bank(documents: list[bank_lib.BankDocument], code_dtype: str = "bf
 
 # Student logits at the answer positions, jitted once for every evaluator (quick, runner).
 answer_logits = jax.jit(step_lib.answer_logits, static_argnums=1)
-MIN_PROMPT_BUCKET = 64
-
-
-def pow2(n: int, floor: int = 1) -> int:
-  """The smallest power of two >= max(n, floor): few shapes, so few compilations."""
-  return max(floor, 1 << max(0, int(n) - 1).bit_length())
-
-
-def length_bucket(n: int, floor: int = MIN_PROMPT_BUCKET) -> int:
-  """A padded sequence length: four buckets per octave above `floor` (64, 80, 96, 112, 128, 160, ...), so at
-  most 25% padding (compute) for about four compiled shapes per doubling of length."""
-  if n <= floor:
-    return floor
-  step = 1 << max(0, (int(n) - 1).bit_length() - 3)
-  return -(-int(n) // step) * step
-
 
 def pack_prompt_answers(model, user_turns, answers) -> dict:
   """The packed numpy batch of chat prompt + gold answer rows: packed as the teacher packs them
-  (`teacher.pack_answers`), then padded to a `length_bucket`."""
+  (`teacher.pack_answers`), then padded to a `shapes.length_bucket`."""
   packed = teacher_lib.pack_answers([model.encode(model.chat_prompt(p)) for p in user_turns],
                                     [batch_lib.answer_tokens(model, a) for a in answers])
   length = packed["s_tokens"].shape[1]
-  target = max(length, min(length_bucket(length), model.config.max_position_embeddings))
+  target = max(length, min(shapes.length_bucket(length), model.config.max_position_embeddings))
   for name in ("s_tokens", "s_mask"):
     packed[name] = np.pad(packed[name], ((0, 0), (0, target - length)))
   return packed

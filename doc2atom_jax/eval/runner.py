@@ -25,7 +25,7 @@ document's own atoms. Evidence labels: synthetic facts map to the atoms their sp
 one atom holding the answer (`data/evidence.py`) or no label; every method's record carries the same labels.
 
 Shapes: a document's questions go in batches padded to a power of two (at most `batch_size`), prompts to
-`quick.length_bucket`s (four per octave), d2l adapters to power-of-two atom counts, so the jitted forward and
+`shapes.length_bucket`s (four per octave), d2l adapters to power-of-two atom counts, so the jitted forward and
 generator compile for a few dozen shapes in a whole run; the base model runs its layers as a scan here
 (`eval.scan_layers`), which compiles ~6x faster than the unrolled loop. Documents over `max_doc_tokens` are
 skipped and counted, never cut.
@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from doc2atom_jax import fileio, paths
+from doc2atom_jax import fileio, paths, shapes
 from doc2atom_jax import system as system_lib
 from doc2atom_jax.data import evidence as evidence_lib
 from doc2atom_jax.data import prompts, qa, synthetic
@@ -225,7 +225,7 @@ def chat_ids(model, user_turns: Sequence[str]) -> list[list[int]]:
 
 
 def generate_tokens(model, seqs: Sequence[Sequence[int]], *, max_new_tokens: int, adapter=None, stop: bool = True):
-  """Greedy (tokens [B, n], counts [B]) for token prompts left-padded to a `quick.length_bucket`.
+  """Greedy (tokens [B, n], counts [B]) for token prompts left-padded to a `shapes.length_bucket`.
 
   `stop=False` ignores stop tokens, so exactly `max_new_tokens` are generated (latency measurements).
   """
@@ -234,8 +234,7 @@ def generate_tokens(model, seqs: Sequence[Sequence[int]], *, max_new_tokens: int
   if longest > limit:
     raise UserError(f"a prompt of {longest} tokens leaves no room for {max_new_tokens} new tokens in the "
                     f"context of {model.config.max_position_embeddings}")
-  pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-  tokens, mask = generate_lib.left_pad(list(seqs), min(quick.length_bucket(longest), limit), pad_id)
+  tokens, mask = generate_lib.left_pad(list(seqs), min(shapes.length_bucket(longest), limit), model.pad_id)
   stop_ids = np.asarray(model.stop_token_ids if stop else (), np.int32)  # numpy: no eager op to compile
   return generate_lib.generate_tokens(model.weights, model.config, tokens, mask, stop_ids, _KEY, np.float32(0.0),
                                       np.float32(1.0), adapter, max_new_tokens=max_new_tokens, greedy=True)
@@ -277,11 +276,10 @@ def document_prefix_ids(model, text: str) -> list[int]:
 
 
 def prefix_cache(model, ids: Sequence[int]):
-  """The KV cache of prefix tokens (batch 1), right-padded to a `quick.length_bucket`: documents of nearby
+  """The KV cache of prefix tokens (batch 1), right-padded to a `shapes.length_bucket`: documents of nearby
   lengths share one compiled prefill and generator."""
-  length = min(quick.length_bucket(len(ids)), max(len(ids), model.config.max_position_embeddings))
-  pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-  tokens, mask = generate_lib.right_pad(list(ids), length, pad_id)
+  length = min(shapes.length_bucket(len(ids)), max(len(ids), model.config.max_position_embeddings))
+  tokens, mask = generate_lib.right_pad(list(ids), length, model.pad_id)
   return generate_lib.prefill_prefix(model.weights, model.config, tokens, mask)
 
 
@@ -298,9 +296,8 @@ def generate_with_prefix(model, prefix_ids: Sequence[int], cache, seqs: Sequence
                     f"context of {model.config.max_position_embeddings}")
   shared = min(min(common_prefix(prefix_ids, s), len(s) - 1) for s in seqs)  # a suffix keeps >= 1 token
   suffixes = [list(s[shared:]) for s in seqs]
-  pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-  tokens, mask = generate_lib.left_pad(suffixes, quick.length_bucket(max(map(len, suffixes)), SUFFIX_BUCKET),
-                                       pad_id)
+  tokens, mask = generate_lib.left_pad(suffixes, shapes.length_bucket(max(map(len, suffixes)), SUFFIX_BUCKET),
+                                       model.pad_id)
   stop_ids = np.asarray(model.stop_token_ids if stop else (), np.int32)
   return generate_lib.generate_from_prefix(model.weights, model.config, cache, tokens, mask, stop_ids, _KEY,
                                            np.float32(0.0), np.float32(1.0), np.int32(shared),
@@ -461,7 +458,7 @@ def _doc2atom_oracle(run: DocumentRun, rows) -> Inputs | None:
   if not any(evidence):
     return None
   system = run.systems["doc2atom"]
-  width = quick.pow2(max(map(len, evidence)), system.method.k)  # doc2atom's shape where it fits: no new compile
+  width = shapes.pow2(max(map(len, evidence)), system.method.k)  # doc2atom's shape where it fits: no new compile
   indices, weights = np.zeros((len(rows), width), np.int32), np.zeros((len(rows), width), np.float32)
   for r, atoms in enumerate(evidence):
     indices[r, :len(atoms)], weights[r, :len(atoms)] = atoms, 1.0 / max(1, len(atoms))
@@ -476,7 +473,7 @@ def _all_atoms_of(method: str) -> Callable[[DocumentRun, tuple], Inputs]:
   def inputs(run: DocumentRun, rows) -> Inputs:
     system, bank = run.systems[method], run.bank(method)
     indices, weights, _ = system.select(bank, [run.doc.questions[i].question for i in rows], run.doc.doc_id)
-    extra = ((0, 0), (0, quick.pow2(indices.shape[1]) - indices.shape[1]))
+    extra = ((0, 0), (0, shapes.pow2(indices.shape[1]) - indices.shape[1]))
     return Inputs(_question_turns(run, rows), system.adapter(bank, np.pad(indices, extra), np.pad(weights, extra)))
 
   return inputs
@@ -531,7 +528,7 @@ def _cached_teacher(run: DocumentRun, rows, answers, cache):
   keys = [f"{doc.doc_id}\x00{doc.questions[i].qid}\x00{doc.questions[i].question}\x00{a}\x00doc"
           for i, a in zip(rows, answers)]
   found = cache.get_or_compute(model, keys, chat_ids(model, _document_turns(run, rows, doc.text)), answer_ids)
-  width = -(-max(map(len, answer_ids)) // 8) * 8  # pack_answers' answer bucket
+  width = shapes.multiple(max(map(len, answer_ids)), teacher_lib.ANSWER_BUCKET)  # as pack_answers pads
   ids = np.zeros((len(rows), width, teacher_lib.TOP_K), np.int32)
   logp = np.zeros((len(rows), width, teacher_lib.TOP_K), np.float32)
   for r, (i_, l_) in enumerate(found):
@@ -557,7 +554,7 @@ def evaluate_document(run: DocumentRun, methods: Sequence[str], *, batch_size: i
   doc, model, records = run.doc, run.model, []
   for start in range(0, len(doc.questions), batch_size):
     real = list(range(start, min(start + batch_size, len(doc.questions))))
-    rows = tuple(_padded(real, quick.pow2(len(real))))
+    rows = tuple(_padded(real, shapes.pow2(len(real))))
     answers = [doc.questions[i].references[0] if doc.questions[i].answerable else synthetic.UNKNOWN for i in rows]
     scored = any(doc.questions[i].answerable for i in real)
     teacher = teacher_nll = None
@@ -870,6 +867,7 @@ def run(config, workdir: pathlib.Path | None) -> pathlib.Path:
     output = workdir / "eval"
   else:
     raise UserError("set --workdir (the report goes to <workdir>/eval) or --config.eval.output")
+  fileio.writable_dir(output, "the evaluation's output folder")  # before the model loads
   settings = Settings(max_new_tokens=e.max_new_tokens, max_doc_tokens=e.max_doc_tokens, trunc_tokens=e.trunc_tokens,
                       batch_size=e.batch_size, code_dtype=config.atoms.code_dtype,
                       key_dtype=config.atoms.get("key_dtype", "float32"),

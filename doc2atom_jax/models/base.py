@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from doc2atom_jax import paths
+from doc2atom_jax import paths, shapes
 from doc2atom_jax.errors import UserError
 from doc2atom_jax.models import config as config_lib
 from doc2atom_jax.models import decoder as decoder_lib
@@ -99,6 +99,11 @@ class BaseModel:
     return min(candidates, key=len)
 
   @property
+  def pad_id(self) -> int:
+    """The id that fills padded slots (masked everywhere): the tokenizer's pad token, else 0."""
+    return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+  @property
   def end_of_turn_id(self) -> int | None:
     """The token that closes an assistant turn in the chat template (<|im_end|>, <end_of_turn>, ...), else EOS."""
     vocab = self.tokenizer.get_vocab()
@@ -129,9 +134,8 @@ class BaseModel:
                           f"{self.config.max_position_embeddings} allows {budget} (set truncation='left' to "
                           "keep the end of the prompt)")
         seqs[i] = seq[-budget:]
-    length = min(generate_lib.bucket(max(map(len, seqs))), budget)
-    pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-    tokens, mask = generate_lib.left_pad(seqs, length, pad_id)
+    length = min(shapes.multiple(max(map(len, seqs)), generate_lib.PROMPT_BUCKET), budget)
+    tokens, mask = generate_lib.left_pad(seqs, length, self.pad_id)
     out, counts = generate_lib.generate_tokens(
         self.weights, self.config, jnp.asarray(tokens), jnp.asarray(mask),
         jnp.asarray(self.stop_token_ids, jnp.int32), jax.random.key(seed), jnp.float32(temperature),

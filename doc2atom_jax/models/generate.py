@@ -25,11 +25,7 @@ import numpy as np
 
 from doc2atom_jax.models import decoder as decoder_lib
 
-PROMPT_BUCKET = 64
-
-
-def bucket(n: int, size: int = PROMPT_BUCKET) -> int:
-  return max(size, -(-n // size) * size)
+PROMPT_BUCKET = 64  # `BaseModel.generate`'s prompts are padded to a multiple of this
 
 
 def left_pad(sequences: list[list[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -10,35 +10,12 @@ import dataclasses
 
 import numpy as np
 
+from doc2atom_jax import shapes
 from doc2atom_jax.atoms import atomize
 from doc2atom_jax.data import prompts
+from doc2atom_jax.data.records import TrainDocument
 from doc2atom_jax.errors import UserError
 from doc2atom_jax.train import teacher as teacher_lib
-
-
-@dataclasses.dataclass(frozen=True)
-class Question:
-  qid: str
-  question: str
-  answer: str
-  evidence: tuple[int, ...] | None = None  # atom indices; None = unlabelled
-  out_of_scope: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainDocument:
-  doc: atomize.AtomizedDocument
-  questions: tuple[Question, ...]
-
-
-def _bucket(n: int, size: int) -> int:
-  return max(size, -(-n // size) * size)
-
-
-def _atom_bucket(n: int, size: int) -> int:
-  """The atom axis: a power of two up to `size`, then multiples of it. d2l has one unit per document (or a
-  few chunks), which padding to `size` made 8x as wide in the compiler, the factors and the composition."""
-  return 1 << max(0, n - 1).bit_length() if n <= size else _bucket(n, size)
 
 
 def answer_tokens(model, answer: str) -> list[int]:
@@ -71,9 +48,9 @@ def build(model, documents: list[TrainDocument], *, cache: teacher_lib.TeacherCa
   """
   chat = lambda text: model.encode(model.chat_prompt(text))
   D = len(documents)
-  N = _atom_bucket(max(len(d.doc.atoms) for d in documents), atom_bucket)
-  S = _bucket(max(a.token_end - a.token_start for d in documents for a in d.doc.atoms), span_bucket)
-  T = _bucket(max(len(d.doc.token_ids) for d in documents), doc_bucket)
+  N = shapes.atom_bucket(max(len(d.doc.atoms) for d in documents), atom_bucket)
+  S = shapes.multiple(max(a.token_end - a.token_start for d in documents for a in d.doc.atoms), span_bucket)
+  T = shapes.multiple(max(len(d.doc.token_ids) for d in documents), doc_bucket)
   if T > model.config.max_position_embeddings:
     raise UserError(f"a training document has {T} tokens, over the model's context of "
                     f"{model.config.max_position_embeddings}")
@@ -109,8 +86,8 @@ def build(model, documents: list[TrainDocument], *, cache: teacher_lib.TeacherCa
   top = teacher(teachers, "\x00doc")
   ev_top = teacher(ev_teachers, "\x00evidence") if evidence_teacher else None
 
-  Ts = _bucket(max(len(s) + len(a) for s, a in zip(students, answers)), token_bucket)
-  A = _bucket(max(map(len, answers)), answer_bucket)
+  Ts = shapes.multiple(max(len(s) + len(a) for s, a in zip(students, answers)), token_bucket)
+  A = shapes.multiple(max(map(len, answers)), answer_bucket)
   B = len(rows)
   batch.update(s_tokens=_pad([s + a for s, a in zip(students, answers)], Ts, np.int32),
                s_mask=_pad([[True] * (len(s) + len(a)) for s, a in zip(students, answers)], Ts, bool),
@@ -126,7 +103,7 @@ def build(model, documents: list[TrainDocument], *, cache: teacher_lib.TeacherCa
     batch["teacher_ids"][b, :n], batch["teacher_logp"][b, :n] = top[b]
     if ev_top is not None:
       batch["ev_teacher_ids"][b, :n], batch["ev_teacher_logp"][b, :n] = ev_top[b]
-  Tq = _bucket(max(map(len, students)), token_bucket)
+  Tq = shapes.multiple(max(map(len, students)), token_bucket)
   batch.update(q_tokens=_pad(students, Tq, np.int32), q_mask=_pad([[True] * len(s) for s in students], Tq, bool))
   batch["doc_of_q"] = np.asarray([j for j, _ in rows], np.int32)
   batch["evidence"] = np.zeros((B, N), bool)
@@ -141,18 +118,3 @@ def build(model, documents: list[TrainDocument], *, cache: teacher_lib.TeacherCa
         pad = [(0, num_questions - B)] + [(0, 0)] * (batch[name].ndim - 1)
         batch[name] = np.pad(batch[name], pad)
   return batch
-
-
-def pad_up(batch: dict, floor: dict) -> tuple[dict, dict]:
-  """Zero-pads each array up to the per-axis maximum of its shape and `floor`; returns (batch, new floor).
-
-  Every field's padding is masked (doc_mask, atom_mask, s_mask, q_mask, q_valid are False there), so a
-  padded batch gives the same loss. A trainer that keeps the floor across steps compiles its step once per
-  growth of some axis instead of once per combination of buckets.
-  """
-  out, new_floor = {}, {}
-  for name, array in batch.items():
-    shape = tuple(max(a, b) for a, b in zip(array.shape, floor.get(name, array.shape)))
-    out[name] = np.pad(array, [(0, t - n) for t, n in zip(shape, array.shape)])
-    new_floor[name] = shape
-  return out, new_floor

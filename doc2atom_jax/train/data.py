@@ -31,7 +31,7 @@ import numpy as np
 from doc2atom_jax import fileio, paths
 from doc2atom_jax.data import qa, synthetic
 from doc2atom_jax.errors import UserError
-from doc2atom_jax.train import batch as batch_lib
+from doc2atom_jax.data import records
 
 SOURCES = ("tfds", "generator", "qa")
 ON_ERROR = ("raise", "skip")
@@ -53,18 +53,18 @@ class SyntheticSource:
     return synthetic.document(self.split, index, seed=self.seed, facts_per_document=self.facts_per_document,
                               questions_per_document=self.questions_per_document, paraphrase=self.paraphrases)
 
-  def __call__(self, step: int, tokenizer) -> list[batch_lib.TrainDocument]:
+  def __call__(self, step: int, tokenizer) -> list[records.TrainDocument]:
     start = (step * self.process_count + self.process_index) * self.documents_per_step
     return [to_train_document(self.document(start + j), tokenizer) for j in range(self.documents_per_step)]
 
 
-def to_train_document(doc: synthetic.SyntheticDocument, tokenizer) -> batch_lib.TrainDocument:
-  questions = tuple(batch_lib.Question(q.qid, q.question, q.answer, tuple(q.evidence) or None,
+def to_train_document(doc: synthetic.SyntheticDocument, tokenizer) -> records.TrainDocument:
+  questions = tuple(records.TrainQuestion(q.qid, q.question, q.answer, tuple(q.evidence) or None,
                                        out_of_scope=q.kind == "out_of_scope") for q in doc.questions)
-  return batch_lib.TrainDocument(doc.atomized(tokenizer), questions)
+  return records.TrainDocument(doc.atomized(tokenizer), questions)
 
 
-def in_units(document: batch_lib.TrainDocument, split) -> batch_lib.TrainDocument:
+def in_units(document: records.TrainDocument, split) -> records.TrainDocument:
   """The document in a method's own units, `split(text, doc_id)` (d2l: its chunks), each question's evidence
   carried to the units that overlap its evidence atoms.
 
@@ -82,11 +82,11 @@ def in_units(document: batch_lib.TrainDocument, split) -> batch_lib.TrainDocumen
     overlapping = (j for j, u in enumerate(doc.atoms) if any(u.char_start < e and s < u.char_end for s, e in spans))
     return tuple(overlapping) or None
 
-  return batch_lib.TrainDocument(doc, tuple(dataclasses.replace(q, evidence=evidence(q.evidence))
+  return records.TrainDocument(doc, tuple(dataclasses.replace(q, evidence=evidence(q.evidence))
                                             for q in document.questions))
 
 
-def method_units(documents: list[batch_lib.TrainDocument], method: str, split) -> list[batch_lib.TrainDocument]:
+def method_units(documents: list[records.TrainDocument], method: str, split) -> list[records.TrainDocument]:
   """A step's documents in the units `method` compiles: d2l's chunks (`in_units`); doc2atom and d2l_atom train
   on the given atoms (the synthetic facts), whose evidence labels the router learns from."""
   return [in_units(d, split) for d in documents] if method == "d2l" else documents
@@ -145,7 +145,7 @@ def staged_source(stages, source_for_range):
   """step -> documents of the step's stage, at the stage's local step (each stage starts its own order)."""
   sources = [source_for_range(facts) for _, facts in stages]
 
-  def documents_for_step(step: int, tokenizer) -> list[batch_lib.TrainDocument]:
+  def documents_for_step(step: int, tokenizer) -> list[records.TrainDocument]:
     i = stage_index(stages, step)
     return sources[i](step - stages[i][0], tokenizer)
 
@@ -272,7 +272,7 @@ def qa_source(data_dir, *, seed: int, qa_files=(), self_gen=(), on_error: str = 
                                                  documents_per_step=documents_per_step,
                                                  process_index=process_index, process_count=process_count)
 
-  def documents_for_step(step: int, tokenizer) -> list[batch_lib.TrainDocument]:
+  def documents_for_step(step: int, tokenizer) -> list[records.TrainDocument]:
     # slot: the document's place in the global step, so the sample does not depend on the process count
     first = process_index * documents_per_step
     records = [sample_questions(r, questions_per_document, seed=seed, step=step, slot=first + j)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from doc2atom_jax import fileio
+from doc2atom_jax import fileio, shapes
 from doc2atom_jax.models import decoder as decoder_lib
 from doc2atom_jax.train import vocab
 
@@ -36,16 +36,19 @@ def _topk_logprobs(weights, cfg, tokens, mask, positions, *, k, vocab_chunk=0):
   return jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), k)
 
 
+ANSWER_BUCKET = 8  # answer axis of a packed batch: a multiple of this
+
+
 def pack_answers(prompts: list[list[int]], answers: list[list[int]], bucket: int = 64,
-                 answer_bucket: int = 8) -> dict:
+                 answer_bucket: int = ANSWER_BUCKET) -> dict:
   """Prompt + answer rows, right-padded to buckets, with the positions whose logits predict each answer token.
 
   Returns numpy arrays in the batch layout of `step.BATCH_FIELDS`: s_tokens, s_mask [B, T]; answer_pos,
   answer_mask, targets [B, A].
   """
   B = len(prompts)
-  length = -(-max(len(p) + len(a) for p, a in zip(prompts, answers)) // bucket) * bucket
-  width = -(-max(map(len, answers)) // answer_bucket) * answer_bucket
+  length = shapes.multiple(max(len(p) + len(a) for p, a in zip(prompts, answers)), bucket)
+  width = shapes.multiple(max(map(len, answers)), answer_bucket)
   out = {"s_tokens": np.zeros((B, length), np.int32), "s_mask": np.zeros((B, length), bool),
          "answer_pos": np.zeros((B, width), np.int32), "answer_mask": np.zeros((B, width), bool),
          "targets": np.zeros((B, width), np.int32)}

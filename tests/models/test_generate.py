@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from doc2atom_jax import shapes
 from doc2atom_jax.errors import UserError
 from doc2atom_jax.models import base, decoder
 from doc2atom_jax.models import generate as generate_lib
@@ -29,7 +30,7 @@ def recompute_greedy(model, prompt: list[int], steps: int, adapter=None) -> list
 
 
 def cached_greedy(model, prompts: list[list[int]], steps: int, adapter=None, stop=(-5,)):
-  length = generate_lib.bucket(max(map(len, prompts)), 16)
+  length = shapes.multiple(max(map(len, prompts)), 16)
   tokens, mask = generate_lib.left_pad(prompts, length, 0)
   out, counts = generate_lib.generate_tokens(
       model.weights, model.config, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(stop, jnp.int32),

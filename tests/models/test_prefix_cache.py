@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from doc2atom_jax import shapes
 from doc2atom_jax.data import prompts
 from doc2atom_jax.eval import runner
 from doc2atom_jax.models import base, decoder
@@ -25,7 +26,7 @@ SUFFIXES = [[60, 61, 62], list(range(70, 81)), [90] * 6 + [91, 92]]  # different
 
 
 def full_greedy(model, prompts_, steps, stop=(-5,)):
-  length = generate_lib.bucket(max(map(len, prompts_)), 16)
+  length = shapes.multiple(max(map(len, prompts_)), 16)
   tokens, mask = generate_lib.left_pad(prompts_, length, 0)
   out, counts = generate_lib.generate_tokens(
       model.weights, model.config, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(stop, jnp.int32),
@@ -35,7 +36,7 @@ def full_greedy(model, prompts_, steps, stop=(-5,)):
 
 def prefix_greedy(model, prefix, suffixes, steps, stop=(-5,), prefix_length=None, bucket=64):
   cache = generate_lib.prefill_prefix(model.weights, model.config, *generate_lib.right_pad(prefix, bucket, 0))
-  tokens, mask = generate_lib.left_pad(suffixes, generate_lib.bucket(max(map(len, suffixes)), 16), 0)
+  tokens, mask = generate_lib.left_pad(suffixes, shapes.multiple(max(map(len, suffixes)), 16), 0)
   out, counts = generate_lib.generate_from_prefix(
       model.weights, model.config, cache, tokens, mask, jnp.asarray(stop, jnp.int32), jax.random.key(0),
       jnp.float32(0), jnp.float32(1), np.int32(len(prefix) if prefix_length is None else prefix_length),

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from doc2atom_jax import shapes
 from doc2atom_jax.atoms import atomize
 from doc2atom_jax.atoms import compiler as compiler_lib
 from doc2atom_jax.atoms import router as router_lib
 from doc2atom_jax.models import base
+from doc2atom_jax.data import records
 from doc2atom_jax.train import batch as batch_lib
 from doc2atom_jax.train import step as step_lib
 
@@ -21,11 +23,11 @@ TEXT = "Velkor Amsten was born in 1943. He founded the Tarnow Institute. The ins
 def tiny_batch(model):
   doc = atomize.atomize(TEXT, "d0", model.tokenizer)
   assert len(doc.atoms) == 3
-  qs = (batch_lib.Question("q0", "When was Velkor Amsten born?", "1943", (0,)),
-        batch_lib.Question("q1", "Who founded the Tarnow Institute?", "Velkor Amsten", (1,)),
-        batch_lib.Question("q2", "How many employees does the institute have?", "412", (2,)),
-        batch_lib.Question("q3", "What is the capital of Orvale?", "unknown", None, out_of_scope=True))
-  return batch_lib.build(model, [batch_lib.TrainDocument(doc, qs)], k=8)
+  qs = (records.TrainQuestion("q0", "When was Velkor Amsten born?", "1943", (0,)),
+        records.TrainQuestion("q1", "Who founded the Tarnow Institute?", "Velkor Amsten", (1,)),
+        records.TrainQuestion("q2", "How many employees does the institute have?", "412", (2,)),
+        records.TrainQuestion("q3", "What is the capital of Orvale?", "unknown", None, out_of_scope=True))
+  return batch_lib.build(model, [records.TrainDocument(doc, qs)], k=8)
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +79,14 @@ def test_bad_training_examples_are_refused_with_a_clear_message():
 
   model = base.tiny_random("llama")
   doc = atomize.atomize(TEXT, "d0", model.tokenizer)
-  empty = (batch_lib.Question("q0", "When was Velkor Amsten born?", "   ", (0,)),)
+  empty = (records.TrainQuestion("q0", "When was Velkor Amsten born?", "   ", (0,)),)
   with pytest.raises(UserError, match="tokenizes to nothing"):
-    batch_lib.build(model, [batch_lib.TrainDocument(doc, empty)], k=8)
+    batch_lib.build(model, [records.TrainDocument(doc, empty)], k=8)
   long_text = " ".join([TEXT] * (model.config.max_position_embeddings // 10))
   long_doc = atomize.atomize(long_text, "long", model.tokenizer)
-  ok = (batch_lib.Question("q0", "When was Velkor Amsten born?", "1943", (0,)),)
+  ok = (records.TrainQuestion("q0", "When was Velkor Amsten born?", "1943", (0,)),)
   with pytest.raises(UserError, match="over the model's context"):
-    batch_lib.build(model, [batch_lib.TrainDocument(long_doc, ok)], k=8)
+    batch_lib.build(model, [records.TrainDocument(long_doc, ok)], k=8)
 
 
 def test_padding_a_batch_up_leaves_the_loss_unchanged(setup):
@@ -93,7 +95,7 @@ def test_padding_a_batch_up_leaves_the_loss_unchanged(setup):
   host = jax.tree.map(np.asarray, batch)
   grows = lambda name, i, a: 0 < i and not (name.endswith(("teacher_ids", "teacher_logp")) and i == a.ndim - 1)
   floor = {name: tuple(n + 3 * grows(name, i, a) for i, n in enumerate(a.shape)) for name, a in host.items()}
-  padded, new_floor = batch_lib.pad_up(host, floor)
+  padded, new_floor = shapes.pad_up(host, floor)
   assert {k: v.shape for k, v in padded.items()} == new_floor == floor
   loss = lambda b: step_lib.loss_fn(params, step.keywords["graphdef"], model.weights, jax.tree.map(jnp.asarray, b),
                                     model_cfg=model.config, loss_cfg=step_lib.LossConfig(k=2))[1]

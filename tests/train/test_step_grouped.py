@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from configs import quickstart
+from doc2atom_jax import shapes
 from doc2atom_jax.atoms import atomize
 from doc2atom_jax.atoms import compiler as compiler_lib
 from doc2atom_jax.atoms import compose
@@ -17,6 +18,7 @@ from doc2atom_jax.atoms import router as router_lib
 from doc2atom_jax.errors import UserError
 from doc2atom_jax.models import adapter as adapter_lib
 from doc2atom_jax.models import base
+from doc2atom_jax.data import records
 from doc2atom_jax.train import batch as batch_lib
 from doc2atom_jax.train import step as step_lib
 from tests.train.test_step import TEXT
@@ -35,12 +37,12 @@ def setup():
   graphdef, params = nnx.split((compiler_lib.AtomCompiler(cfg, rngs=rngs), router_lib.Router(cfg, rngs=rngs)))
   keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(params))))
   params = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(next(keys), x.shape), params)  # B scalers != 0
-  q = batch_lib.Question
-  docs = [batch_lib.TrainDocument(atomize.atomize(TEXT, "d0", model.tokenizer), (
+  q = records.TrainQuestion
+  docs = [records.TrainDocument(atomize.atomize(TEXT, "d0", model.tokenizer), (
               q("q0", "When was Velkor Amsten born?", "1943"), q("q1", "Who founded it?", "Velkor Amsten"),
               q("q2", "How many employees?", "412"))),
-          batch_lib.TrainDocument(atomize.atomize(THIRD, "d1", model.tokenizer), ()),
-          batch_lib.TrainDocument(atomize.atomize(OTHER, "d2", model.tokenizer), (
+          records.TrainDocument(atomize.atomize(THIRD, "d1", model.tokenizer), ()),
+          records.TrainDocument(atomize.atomize(OTHER, "d2", model.tokenizer), (
               q("q3", "Who won the Halden Prize?", "Mira Oskel"), q("q4", "When?", "1988")))]
   batch = batch_lib.build(model, docs, k=8, num_questions=6)  # one padding row (q_valid False)
   rows = lambda name: name == "doc_of_q" or not name.startswith(("doc_", "atom_"))
@@ -117,7 +119,7 @@ def test_loss_config_reads_compose_form():
 
 @pytest.mark.parametrize("n, want", [(1, 1), (2, 2), (3, 4), (5, 8), (8, 8), (9, 16), (17, 24)])
 def test_atom_axis_pads_to_a_power_of_two_then_multiples(n, want):
-  assert batch_lib._atom_bucket(n, 8) == want  # pylint: disable=protected-access
+  assert shapes.atom_bucket(n, 8) == want
 
 
 def test_one_unit_per_document_is_not_padded_to_eight():
@@ -125,5 +127,5 @@ def test_one_unit_per_document_is_not_padded_to_eight():
   model = base.tiny_random("llama")
   doc = atomize.atomize(TEXT, "d0", model.tokenizer)
   whole = dataclasses.replace(doc, atoms=doc.atoms[:1])
-  batch = batch_lib.build(model, [batch_lib.TrainDocument(whole, (batch_lib.Question("q0", "Who?", "Velkor"),))], k=4)
+  batch = batch_lib.build(model, [records.TrainDocument(whole, (records.TrainQuestion("q0", "Who?", "Velkor"),))], k=4)
   assert batch["atom_idx"].shape[1] == 1 and batch["atom_mask"].all()

@@ -12,7 +12,7 @@ from doc2atom_jax.atoms import atomize, pipeline
 from doc2atom_jax.atoms import compiler as compiler_lib
 from doc2atom_jax.errors import UserError
 from doc2atom_jax.models import base
-from doc2atom_jax.train import batch as batch_lib
+from doc2atom_jax.data import records
 from doc2atom_jax.train import step as step_lib
 from doc2atom_jax.train import trainer
 
@@ -38,8 +38,8 @@ def documents_for_step(model, step, on_step=None):
   facts = [FACTS[i] for i in order]
   text = " ".join(f[0] for f in facts)
   doc = atomize.atomize_given(text, f"doc{step}", model.tokenizer, [f[0] for f in facts])
-  qs = tuple(batch_lib.Question(f"q{i}", f[1], f[2], (i,)) for i, f in enumerate(facts))
-  return [batch_lib.TrainDocument(doc, qs)]
+  qs = tuple(records.TrainQuestion(f"q{i}", f[1], f[2], (i,)) for i, f in enumerate(facts))
+  return [records.TrainDocument(doc, qs)]
 
 
 def run(workdir, on_step=None, tcfg=TCFG, meta=None, eval_fn=None):
