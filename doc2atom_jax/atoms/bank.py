@@ -31,7 +31,8 @@ misreading int8 codes or bfloat16 key bits. Codes and keys load as float32 whate
 `code_shape` and `key_dim` are fixed by the first document appended. Appending writes the new shards
 atomically (temp + fsync + rename), fsyncs the directory, then replaces the manifest atomically: a crash in
 between leaves orphan shards, which `load` never reads (it reads only what the manifest lists) and the
-next append deletes. `load` checks every listed shard's size and sha256, and the manifest's own checksum,
+next append deletes. So a kill at any moment leaves a loadable bank of whole documents (mode=compile resumes
+from it, `stored_texts`); a `create` killed before its manifest leaves a folder `create` accepts again. `load` checks every listed shard's size and sha256, and the manifest's own checksum,
 so truncated or bit-flipped files are a `UserError` naming the file, never silently wrong numbers.
 """
 
@@ -201,10 +202,7 @@ def create(path, *, fingerprint: str, meta: dict, code_dtype: str = "bfloat16", 
   _key_dtype(key_dtype)
   if not isinstance(fingerprint, str) or not fingerprint:
     raise UserError("an atom bank needs a non-empty fingerprint string (base model + compiler + config)")
-  if (path / MANIFEST).exists():
-    raise UserError(f"an atom bank already exists at {path}; choose another path or delete it first")
-  if path.exists() and (not path.is_dir() or any(path.iterdir())):
-    raise UserError(f"{path} exists and is not an empty directory; choose another path for the atom bank")
+  check_new(path)
   version = format_version(code_dtype, key_dtype)
   manifest = {"format": FORMAT_NAME, "format_version": version, "fingerprint": fingerprint,
               "meta": _json_roundtrip(meta, "bank metadata"), "code_dtype": code_dtype,
@@ -213,6 +211,48 @@ def create(path, *, fingerprint: str, meta: dict, code_dtype: str = "bfloat16", 
   (path / SHARD_DIR).mkdir(parents=True, exist_ok=True)
   (path / LOCK).touch()
   _write_manifest(path, manifest)
+
+
+def check_new(path) -> None:
+  """A UserError unless `create(path)` can make a bank there: nothing there, an empty folder, or what an
+  interrupted `create` left (an empty shards/ and the lock file, no manifest yet)."""
+  path = pathlib.Path(path).expanduser()
+  if (path / MANIFEST).exists():
+    raise UserError(f"an atom bank already exists at {path}; choose another path or delete it first")
+  if path.exists() and (not path.is_dir() or not _empty_or_unfinished(path)):
+    raise UserError(f"{path} exists and is not an empty directory; choose another path for the atom bank")
+
+
+def _empty_or_unfinished(path: pathlib.Path) -> bool:
+  """True for an empty folder, or one holding only an empty shards/ and .lock (create killed before its manifest)."""
+  names = {p.name for p in path.iterdir()}
+  shards = path / SHARD_DIR
+  return names <= {SHARD_DIR, LOCK} and (SHARD_DIR not in names or (shards.is_dir() and not any(shards.iterdir())))
+
+
+def stored_texts(path) -> dict[str, str]:
+  """doc_id -> document text of every document in the bank, from its verified shards (no codes decoded).
+
+  What a resumed compile compares its input with: the same text is skipped, another text under a stored id is
+  an error before anything is written.
+  """
+  path = pathlib.Path(path).expanduser()
+  manifest = _read_manifest(path)
+  texts = {}
+  for entry in manifest["documents"]:
+    file = path / entry["shard"]
+    data = _verified_bytes(file, entry)
+    try:
+      texts[entry["doc_id"]] = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])["__metadata__"]["text"]
+    except (ValueError, KeyError, TypeError) as e:  # sha256 matched: only a hand-made file gets here
+      raise UserError(f"{file} is not a valid atom bank shard ({type(e).__name__}: {e})") from None
+  return texts
+
+
+def check_fingerprint(path, fingerprint: str) -> None:
+  """A UserError if the bank at `path` was made by another model/compiler than `fingerprint` names."""
+  path = pathlib.Path(path).expanduser()
+  _check_fingerprint(path, _read_manifest(path)["fingerprint"], fingerprint)
 
 
 def append(path, document: BankDocument, *, fingerprint: str) -> None:
@@ -470,11 +510,14 @@ def _verified_bytes(file: pathlib.Path, entry: dict) -> bytes:
 
 
 def _remove_orphans(path: pathlib.Path, manifest: dict) -> None:
-  """Deletes shard-directory files the manifest does not list (left by a crash mid-append)."""
+  """Deletes shard-directory files the manifest does not list, and temporary manifests (left by a crash
+  mid-append)."""
   listed = {pathlib.PurePath(d["shard"]).name for d in manifest["documents"]}
   for file in (path / SHARD_DIR).iterdir():
     if file.name not in listed and file.is_file():
       file.unlink()
+  for file in path.glob(f".{MANIFEST}.*.tmp"):  # a manifest write killed before its rename (we hold the lock)
+    file.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------------------

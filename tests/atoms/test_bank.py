@@ -326,3 +326,41 @@ def test_bad_documents_are_refused_and_change_nothing(tmp_path, case):
   with pytest.raises(UserError, match=message):
     bank_lib.append(path, doc, fingerprint=FP)
   assert snapshot(path) == before
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What a resumed compile reads, and a create killed before its manifest.
+
+
+def test_stored_texts_and_check_fingerprint(tmp_path):
+  path = new_bank(tmp_path)
+  assert bank_lib.stored_texts(path) == {"a": DOC_A.text, "b": DOC_B.text}
+  bank_lib.check_fingerprint(path, FP)
+  with pytest.raises(UserError, match="another model/compiler"):
+    bank_lib.check_fingerprint(path, FP + "x")
+  flip_shard_byte(path)
+  with pytest.raises(UserError, match="corrupt"):
+    bank_lib.stored_texts(path)
+
+
+def test_a_create_killed_before_its_manifest_can_be_redone(tmp_path, monkeypatch):
+  path = tmp_path / "bank"
+  with monkeypatch.context() as m:
+    m.setattr(bank_lib, "_write_manifest", crash)
+    with pytest.raises(KeyboardInterrupt):
+      bank_lib.create(path, fingerprint=FP, meta={})
+  assert (path / "shards").is_dir() and not (path / "manifest.json").exists()
+  bank_lib.check_new(path)
+  new_bank(tmp_path)
+  assert bank_lib.load(path).doc_ids == ["a", "b"]
+  (tmp_path / "other" / "shards").mkdir(parents=True)
+  (tmp_path / "other" / "shards" / "x").write_text("not ours")
+  with pytest.raises(UserError, match="not an empty directory"):
+    bank_lib.check_new(tmp_path / "other")
+
+
+def test_an_append_removes_a_killed_manifest_write(tmp_path):
+  path = new_bank(tmp_path, docs=(DOC_A,))
+  (path / ".manifest.json.abc123.tmp").write_text("{half")
+  bank_lib.append(path, DOC_B, fingerprint=FP)
+  assert not list(path.glob(".manifest.json.*")) and bank_lib.load(path).doc_ids == ["a", "b"]
