@@ -154,11 +154,12 @@ class AtomSystem:
                                      targets=self.cfg.targets)
 
   def answer(self, bank: bank_lib.AtomBank, questions: list[str], *, doc_id: str | None = None,
-             max_new_tokens: int = 24) -> list[dict]:
-    """Answers with the composed adapter, the atoms used (text spans, weights) and abstentions."""
+             max_new_tokens: int = 24, stop: bool = True) -> list[dict]:
+    """Answers with the composed adapter, the atoms used (text spans, weights) and abstentions. stop=False
+    generates exactly `max_new_tokens` (the benchmark times this path, as a user's `ask` runs it)."""
     indices, weights, abstain = self.select(bank, questions, doc_id)
     answers = self.model.generate([prompts.question_prompt(q) for q in questions], max_new_tokens=max_new_tokens,
-                                  adapter=self.adapter(bank, indices, weights))
+                                  adapter=self.adapter(bank, indices, weights), stop=stop)
     return [{"question": q, "answer": "unknown" if abst else a.strip(), "abstained": bool(abst),
              "model_answer": a.strip(), "atoms": atoms_used(bank, idx, w)}
             for q, a, idx, w, abst in zip(questions, answers, indices, weights, abstain)]
