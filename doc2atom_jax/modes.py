@@ -3,12 +3,15 @@
 import json
 import pathlib
 import re
+import sys
 import time
 
-from doc2atom_jax import fileio
+from doc2atom_jax import errors, fileio
 from doc2atom_jax.system import build_system, check_trained, export_meta, load_model
 from doc2atom_jax.data import prompts
 from doc2atom_jax.errors import UserError
+
+TRUNCATIONS = ("error", "left")  # models.BaseModel.generate: refuse long prompts, or keep their end
 
 
 def generate(config, workdir: pathlib.Path | None) -> list[dict]:
@@ -20,6 +23,14 @@ def generate(config, workdir: pathlib.Path | None) -> list[dict]:
     raise UserError("the document is empty: set generate.document or generate.document_file")
   if not questions or any(not q.strip() for q in questions):
     raise UserError("empty question: set generate.question or generate.questions")
+  errors.at_least("generate.max_new_tokens", g.max_new_tokens, 1)
+  errors.at_least("generate.temperature", g.temperature, 0)
+  errors.positive("generate.top_p", g.top_p)
+  if g.top_p > 1:
+    raise UserError(f"--config.generate.top_p={g.top_p!r} must be at most 1 (a probability mass)")
+  errors.one_of("generate.truncation", g.truncation, TRUNCATIONS)
+  if workdir is not None:
+    fileio.writable_dir(workdir, "--workdir")
   model = load_model(config)
   start = time.perf_counter()
   answers = model.generate([prompts.in_context_prompt(document, q) for q in questions],
@@ -66,33 +77,59 @@ def read_documents(path) -> list[tuple[str, str]]:
 
 
 def compile_documents(config, workdir: pathlib.Path | None) -> pathlib.Path:
-  """Documents (JSONL) -> an atom bank on disk, appended document by document."""
+  """Documents (JSONL) -> an atom bank on disk, appended document by document, each append atomic.
+
+  Resumable: a document already in the bank with the same text (the bank's fingerprint being this compiler's)
+  is skipped and counted, so the same command after a failure or a kill finishes the job; a stored id with
+  other text is an error before anything is written. Everything checkable without the model comes first.
+  """
+  import tqdm
+
   from doc2atom_jax.atoms import bank as bank_lib
 
   if not config.compile.input:
     raise UserError("set --config.compile.input=<documents.jsonl>")
+  errors.one_of("atoms.code_dtype", config.atoms.code_dtype, bank_lib.CODE_DTYPES)
+  errors.one_of("atoms.key_dtype", config.atoms.get("key_dtype", "float32"), bank_lib.KEY_DTYPES)
   documents = read_documents(config.compile.input)
   if config.compile.bank:
-    path = pathlib.Path(config.compile.bank)
+    path = fileio.writable_dir(config.compile.bank, "the atom bank folder (compile.bank)")
   elif workdir is not None:
-    path = workdir / "banks" / pathlib.Path(config.compile.input).stem
+    path = fileio.writable_dir(workdir / "banks" / pathlib.Path(config.compile.input).stem,
+                               "the atom bank folder (<workdir>/banks/<input name>)")
   else:
     raise UserError("set --workdir (the bank goes to <workdir>/banks/) or --config.compile.bank")
+  exists = (path / bank_lib.MANIFEST).exists()
+  stored = bank_lib.stored_texts(path) if exists else {}
+  if not exists:
+    bank_lib.check_new(path)
+  conflicts = [doc_id for doc_id, text in documents if doc_id in stored and stored[doc_id] != text]
+  if conflicts:
+    shown = ", ".join(map(repr, conflicts[:5])) + (", ..." if len(conflicts) > 5 else "")
+    raise UserError(f"{config.compile.input}: {len(conflicts)} document(s) already in the atom bank at {path} "
+                    f"with other text ({shown}); give them other ids or compile into another bank")
+  todo = [(doc_id, text) for doc_id, text in documents if doc_id not in stored]
   system = build_system(config)
+  if exists:
+    bank_lib.check_fingerprint(path, system.fingerprint)
   # Split every document before compiling any: a bad document fails the run before the bank is touched.
-  for doc_id, text in documents:
-    system.split(text, doc_id)
-  if not (path / "manifest.json").exists():
+  splits = [system.split(text, doc_id) for doc_id, text in todo]
+  if not exists:
     bank_lib.create(path, fingerprint=system.fingerprint, code_dtype=config.atoms.code_dtype,
                     key_dtype=config.atoms.get("key_dtype", "float32"),
                     meta={"method": config.atoms.method, "model": system.model.name, "config": config.to_dict()})
   total, start = 0, time.perf_counter()
-  for doc_id, text in documents:
-    compiled = system.compile_document(text, doc_id)
-    bank_lib.append(path, compiled, fingerprint=system.fingerprint)
-    total += len(compiled.atoms)
-    print(f"compiled {doc_id}: {len(compiled.atoms)} atoms")
-  print(f"bank {path}: {len(documents)} documents, {total} atoms in {time.perf_counter() - start:.1f} s")
+  with tqdm.tqdm(total=len(todo), desc="compile", unit="doc", dynamic_ncols=True, disable=not todo) as bar:
+    for (doc_id, text), split in zip(todo, splits):
+      compiled = system.compile_document(text, doc_id, split)
+      bank_lib.append(path, compiled, fingerprint=system.fingerprint)
+      total += len(compiled.atoms)
+      bar.set_postfix_str(f"{doc_id}: {len(compiled.atoms)} atoms", refresh=False)
+      bar.update()
+      bar.write(f"compiled {doc_id}: {len(compiled.atoms)} atoms", file=sys.stdout)
+  skipped = len(documents) - len(todo)
+  done = f"{len(todo)} documents, {total} atoms in {time.perf_counter() - start:.1f} s" if todo else "nothing to compile"
+  print(f"bank {path}: {done}" + (f"; skipped {skipped} already in the bank" if skipped else ""))
   return path
 
 
@@ -105,6 +142,8 @@ def ask(config, workdir: pathlib.Path | None) -> list[dict]:
     raise UserError("set --config.ask.bank=<bank folder> (made by mode=compile)")
   if not config.ask.question.strip():
     raise UserError('empty question: set --config.ask.question="..."')
+  errors.at_least("ask.max_new_tokens", config.ask.max_new_tokens, 1)
+  _check_doc_id(bank_lib.info(config.ask.bank), config.ask.doc_id, "ask.doc_id")  # no bank: fails here
   system = build_system(config)
   bank = bank_lib.load(config.ask.bank, fingerprint=system.fingerprint)
   results = system.answer(bank, [config.ask.question], doc_id=config.ask.doc_id or None,
@@ -113,6 +152,14 @@ def ask(config, workdir: pathlib.Path | None) -> list[dict]:
     print(f"Q: {r['question']}\nA: {r['answer']}" + ("  (abstained: the null atom ranked first)" if r["abstained"] else ""))
     _print_atoms(r["atoms"])
   return results
+
+
+def _check_doc_id(info: dict, doc_id: str, name: str) -> None:
+  """A document named for d2l / d2l_atom must be in the bank (bank_lib.info): checked before the model loads."""
+  if doc_id and doc_id not in info["doc_ids"]:
+    shown = ", ".join(map(repr, info["doc_ids"][:5])) + (", ..." if len(info["doc_ids"]) > 5 else "")
+    raise UserError(f"--config.{name}={doc_id!r} is not in the atom bank at {info['path']} "
+                    f"({len(info['doc_ids'])} documents: {shown})")
 
 
 def _print_atoms(used: list[dict]) -> None:
@@ -137,6 +184,7 @@ def train(config, workdir: pathlib.Path | None):
 
   if workdir is None:
     raise UserError("set --workdir: training writes checkpoints and metrics there")
+  fileio.writable_dir(workdir, "--workdir")
   import jax
 
   from doc2atom_jax import distributed, parallel
@@ -253,6 +301,7 @@ def export(config, workdir: pathlib.Path | None) -> dict:
   `export.question`, also that question's composed adapter (the atoms and weights `ask` would use) in Hugging
   Face PEFT's LoRA layout. Returns {"params": folder or None, "peft": folder or None, "atoms": [...]}."""
   from doc2atom_jax import checkpoint
+  from doc2atom_jax.atoms import pipeline
 
   e = config.export
   checkpoint.storage_dtype(e.dtype)
@@ -289,6 +338,13 @@ def export(config, workdir: pathlib.Path | None) -> dict:
     if peft_folder is None:
       raise UserError("set --workdir (the PEFT adapter goes to <workdir>/peft/<question>) or "
                       "--config.export.peft_output")
+    fileio.writable_dir(peft_folder, "the PEFT adapter folder")
+  if write_params:
+    fileio.writable_dir(output, "the export folder")
+  if e.bank:
+    from doc2atom_jax.atoms import bank as bank_lib
+
+    _check_doc_id(bank_lib.info(e.bank), e.doc_id, "export.doc_id")  # no bank: fails before the model loads
 
   # The trained parameters.
   model = load_model(config)
@@ -319,7 +375,7 @@ def export(config, workdir: pathlib.Path | None) -> dict:
     doc_id = (e.doc_id or "document") if document else (e.doc_id or None)
     indices, weights, abstain = system.select(bank, [question], doc_id)
     adapter = system.adapter(bank, indices, weights)
-    used = _atoms_used(bank, indices[0], weights[0])
+    used = pipeline.atoms_used(bank, indices[0], weights[0])
 
   result = {"params": None, "peft": None, "atoms": []}
   if write_params:
@@ -374,20 +430,6 @@ def _export_source(config, workdir: pathlib.Path | None) -> tuple[str, pathlib.P
   where = f"no training checkpoint under {workdir / 'checkpoints'}" if workdir is not None else "no --workdir"
   raise UserError(f"nothing to export ({where}, no --config.params): set --config.export.source=<an export, a "
                   "checkpoints folder or a training workdir>, or --workdir of a training run")
-
-
-def _atoms_used(bank, indices, weights) -> list[dict]:
-  """The composition of one question as `AtomSystem.answer` reports it (atoms with a positive weight)."""
-  from doc2atom_jax.atoms import compose
-
-  used = []
-  for i, w in zip(indices.tolist(), weights.tolist()):
-    if w > 0:
-      atom = "null" if i == compose.NULL_INDEX else bank.atoms[i]
-      used.append({"atom": atom if atom == "null" else {
-          "doc_id": atom.doc_id, "index": atom.index, "type": atom.type, "text": atom.text,
-          "chars": [atom.char_start, atom.char_end]}, "weight": float(w)})
-  return used
 
 
 def _slug(text: str, limit: int = 60) -> str:

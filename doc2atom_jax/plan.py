@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from doc2atom_jax import parallel, paths
+from doc2atom_jax import errors, parallel, paths
 from doc2atom_jax.errors import UserError
 from doc2atom_jax.models import config as config_lib
 from doc2atom_jax.models import decoder as decoder_lib
@@ -220,11 +220,29 @@ def step_shape(config, documents: int, batch_shards: int) -> StepShape:
                    question_tokens=p.question_tokens, student_tokens=p.student_tokens, answer_tokens=p.answer_tokens)
 
 
+def check_config(config) -> None:
+  """The sizes a plan reads must make sense: -1 chips or a zero-token answer would print negative bytes and
+  a 2,147,483,647-document batch instead of an error."""
+  from doc2atom_jax.atoms import bank as bank_lib
+
+  p = config.plan
+  errors.at_least("plan.devices", p.devices, 0)  # 0 = this machine's
+  errors.positive("plan.device_memory_gb", p.device_memory_gb)
+  errors.at_least("plan.bank_atoms", p.bank_atoms, 0)
+  for name in ("doc_tokens", "atoms_per_document", "question_tokens", "student_tokens", "answer_tokens"):
+    errors.at_least(f"plan.{name}", p[name], 1)
+  errors.at_least("data.documents_per_step", config.data.documents_per_step, 1)
+  errors.at_least("data.questions_per_document", config.data.questions_per_document, 1)
+  errors.at_least("atoms.max_atom_tokens", config.atoms.max_atom_tokens, 1)
+  errors.one_of("atoms.code_dtype", config.atoms.code_dtype, bank_lib.CODE_DTYPES)
+
+
 def make_plan(config, num_local_devices: int | None = None) -> dict:
   """The plan of a config: mesh, per-chip bytes by kind, and the largest documents_per_step that fits."""
   from doc2atom_jax.atoms import bank as bank_lib
   from doc2atom_jax.train import step as step_lib
 
+  check_config(config)
   rules = parallel.rules_for(config.sharding.plan, config.sharding.rules)
   mesh, devices = plan_mesh(config, num_local_devices)
   model_cfg, source = decoder_config(config.model.name, config.model.dtype)
@@ -302,11 +320,13 @@ def format_plan(plan: dict) -> str:
 
 def main(config, workdir: pathlib.Path | None) -> dict:
   """Prints the plan (and writes <workdir>/plan.json when a workdir is given)."""
+  from doc2atom_jax import fileio
+
+  if workdir is not None:
+    fileio.writable_dir(workdir, "--workdir")
   plan = make_plan(config)
   print(format_plan(plan))
   if workdir is not None:
-    from doc2atom_jax import fileio
-
     workdir.mkdir(parents=True, exist_ok=True)
     fileio.atomic_write_text(workdir / "plan.json", json.dumps(plan, indent=1))
     print(f"wrote {workdir / 'plan.json'}")

@@ -103,9 +103,13 @@ def test_compile_then_ask_and_the_bank_guards(tmp_path):
   assert "Q: Who founded Tarnow?" in result.stdout and result.stdout.count("\n  0.") == 4  # k = 4 atoms listed
 
   before = snapshot(bank)
-  # Compiling the same documents again: duplicate doc ids, the bank stays as it was.
+  # Compiling the same documents again skips them (resumable); other text under a stored id is refused.
+  again = cli("--config.mode=compile", f"--config.compile.input={docs}", *TINY, workdir=tmp_path)
+  assert again.returncode == 0 and "skipped 2 already in the bank" in again.stdout, again.stderr[-3000:]
+  assert snapshot(bank) == before
+  write_jsonl(docs, [DOCS[0], dict(DOCS[1], text="Mira Oskel founded it.")])
   assert_user_error(cli("--config.mode=compile", f"--config.compile.input={docs}", *TINY, workdir=tmp_path),
-                    "orlen")
+                    "'tarnow'", "other text")
   # Another compiler (seed) cannot read this bank.
   assert_user_error(cli("--config.mode=ask", f"--config.ask.bank={bank}", "--config.ask.question=Who?",
                         "--config.seed=1", *TINY), "another model/compiler")
