@@ -22,7 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise UserError(f"unknown bench size {size!r}; valid: full, tiny (--config=configs/bench.py:tiny)")
   c = (tiny if size == "tiny" else quickstart).get_config()
   c.unlock()
-  # c.mode stays the base config's: this config is for `python -m doc2atom_jax.bench`, which ignores it.
+  c.mode = "bench"  # also `python -m doc2atom_jax.main --config=configs/bench.py`
   b = c.bench = ml_collections.ConfigDict()
   b.output = ""  # default <workdir>/bench
   b.repeats = 3  # timed repetitions per figure after one untimed warm-up; the median and spread are kept

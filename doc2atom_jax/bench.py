@@ -9,7 +9,8 @@ of a minute on 2 CPU cores); the spread is min / max / interquartile range of th
 - answer latency at each document length: `doc2atom` = route the question over the document's atoms +
   compose the adapter + generate `new_tokens` tokens (the document compiled beforehand: that is its
   internalization), vs `in_context` = prefill the document and the question + generate the same tokens
-  (`runner._answer_fn`; stop tokens ignored, so both generate exactly `new_tokens`);
+  (`AtomSystem.answer` and `BaseModel.generate`, the paths `ask` and `generate` run; stop tokens ignored, so
+  both generate exactly `new_tokens`);
 - a forward pass with a composed adapter of k·r ranks (k atoms of rank r, plus the always-on default
   adapter) vs the plain forward, on `forward_tokens` tokens;
 - bytes per document: atom codes (+ keys) vs a Doc-to-LoRA adapter (rank-8 factors per chunk) vs the
@@ -39,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from doc2atom_jax import variants
+from doc2atom_jax import cli, variants
 from doc2atom_jax.atoms import encode
 from doc2atom_jax.errors import UserError
 from doc2atom_jax.eval import costs as costs_lib
@@ -136,74 +137,73 @@ def _documents(config, count: int = 8):
 def _forward_fn(model, tokens, mask, adapter=None):
   from doc2atom_jax.models import base  # pylint: disable=import-outside-toplevel
 
-
   tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
   return lambda: base._forward(model.weights, model.config, tokens, mask, adapter, False, True).logits  # pylint: disable=protected-access
 
 
 def measure_documents(system, config, s: dict, log) -> tuple[dict, dict]:
-  """Per document length: answer latency (both methods), compile vs forward, bytes per document."""
-  from doc2atom_jax.eval import runner  # pylint: disable=import-outside-toplevel
+  """Per document length: answer latency (both methods, through the public paths a user runs), compile vs
+  forward, bytes per document. Also returns length -> (text, bank) for the composed-forward figures."""
   import dataclasses  # pylint: disable=import-outside-toplevel
+
+  from doc2atom_jax.data import prompts  # pylint: disable=import-outside-toplevel
+  from doc2atom_jax.eval import quick  # pylint: disable=import-outside-toplevel
 
   model = system.model
   synthetic_docs = _documents(config)
   texts = [d.text for d in synthetic_docs]
-  question = dataclasses.replace(runner.from_synthetic(synthetic_docs[0], "bench", "unseen").questions[0],
-                                 fact_evidence=())
+  question = synthetic_docs[0].questions[0].question
   number_bytes = costs_lib.float_bytes(config.atoms.code_dtype)  # factors and KV cache (bfloat16 for int8 codes)
   d2l_cfg = dataclasses.replace(system.cfg, rank=variants.D2L_RANK)
-  out, runs = {}, {}
+  out, banks = {}, {}
   for length in s["lengths"]:
     repeats = s["long_repeats"] if length >= s["long_from"] else s["repeats"]
-    text = runner._text_of_length(model, texts, length)  # pylint: disable=protected-access
-    doc = runner.EvalDocument("bench", f"bench-{length}", text, (question,))
-    run = runner.DocumentRun(doc, {"doc2atom": system}, code_dtype=config.atoms.code_dtype, trunc_tokens=256,
-                             key_dtype=config.atoms.key_dtype)
-    r = {"tokens": run.doc_tokens, "atoms": len(run.atoms), "text_bytes": len(text.encode("utf-8")),
-         "repeats": repeats}
+    text = costs_lib.text_of_length(model, texts, length)
+    doc_tokens = costs_lib.count_tokens(model, text)
     compiled = []
-    compile_once = lambda: compiled.append(system.compile_document(text, doc.doc_id)) or compiled[-1].codes  # pylint: disable=cell-var-from-loop
-    r["compile_seconds"] = timed(compile_once, repeats)
-    run.use_compiled("doc2atom", compiled[-1])  # the timed compile is the document's internalization
+    compile_once = lambda: compiled.append(system.compile_document(text, f"bench-{length}")) or compiled[-1].codes  # pylint: disable=cell-var-from-loop
+    r = {"tokens": doc_tokens, "text_bytes": len(text.encode("utf-8")), "repeats": repeats,
+         "compile_seconds": timed(compile_once, repeats)}
+    r["atoms"] = len(compiled[-1].atoms)
+    # The timed compile is the document's internalization; the bank is what `ask` would load from disk.
+    bank = quick.in_memory_bank([compiled[-1]], config.atoms.code_dtype, config.atoms.key_dtype)
     context = model.config.max_position_embeddings
     ids = np.asarray(model.encode(text), np.int32)[:context]
     r["forward_seconds"] = timed(_forward_fn(model, *encode.padded_document(ids, context)), repeats)
+    n = s["new_tokens"]  # stop tokens ignored: both generate exactly n tokens
     r["answer_seconds"] = {
-        "doc2atom": timed(runner._answer_fn(run, "doc2atom", s["new_tokens"]), repeats),  # pylint: disable=protected-access
-        "in_context": timed(runner._answer_fn(run, "in_context", s["new_tokens"], reuse_prefix=False),  # pylint: disable=protected-access
-                            repeats)}
+        "doc2atom": timed(lambda: system.answer(bank, [question], max_new_tokens=n, stop=False), repeats),  # pylint: disable=cell-var-from-loop
+        "in_context": timed(lambda: model.generate([prompts.in_context_prompt(text, question)], max_new_tokens=n,  # pylint: disable=cell-var-from-loop
+                                                   stop=False), repeats)}
     r["answer_ratio"] = _ratio(r["answer_seconds"]["doc2atom"], r["answer_seconds"]["in_context"])
     r["compile_ratio"] = _ratio(r["compile_seconds"], r["forward_seconds"])
     codes_of = lambda code_dtype, key_dtype: costs_lib.document_bytes(  # pylint: disable=cell-var-from-loop
-        "doc2atom", tokens=run.doc_tokens, atoms=len(run.atoms), text_bytes=r["text_bytes"],
+        "doc2atom", tokens=doc_tokens, atoms=r["atoms"], text_bytes=r["text_bytes"],
         compiler_cfg=system.cfg, model_cfg=model.config, trunc_tokens=256, number_bytes=number_bytes,
         code_dtype=code_dtype, key_dtype=key_dtype)["codes"]
     codes = codes_of(config.atoms.code_dtype, config.atoms.key_dtype)
     chunk = config.atoms.chunk_tokens
-    chunks = -(-run.doc_tokens // chunk) if chunk else 1
+    chunks = -(-doc_tokens // chunk) if chunk else 1
     d2l = costs_lib.factor_bytes(d2l_cfg, chunks, number_bytes)
-    kv = costs_lib.kv_cache_bytes(model.config, run.doc_tokens, number_bytes)
+    kv = costs_lib.kv_cache_bytes(model.config, doc_tokens, number_bytes)
     forms = {form: codes_of(*form.split("/")) for form in s["storage_forms"]}
     r["bytes"] = {"atom_codes": codes, "d2l_adapter": d2l, "kv_cache": kv, "d2l_chunks": chunks,
                   "codes_over_kv": codes / kv, "d2l_over_kv": d2l / kv,
                   "storage": f"{config.atoms.code_dtype}/{config.atoms.key_dtype}",
                   "forms": {form: {"atom_codes": b, "codes_over_kv": b / kv} for form, b in forms.items()}}
     out[length] = r
-    runs[length] = run
+    banks[length] = text, bank
     a = r["answer_seconds"]
     log(f"  {length} tokens ({r['atoms']} atoms): answer doc2atom {a['doc2atom']['median'] * 1e3:.0f} ms, "
         f"in_context {a['in_context']['median'] * 1e3:.0f} ms; compile {r['compile_seconds']['median'] * 1e3:.0f} ms"
         f" vs forward {r['forward_seconds']['median'] * 1e3:.0f} ms")
-  return out, runs
+  return out, banks
 
 
-def measure_composed_forward(system, run, s: dict, log) -> dict:
+def measure_composed_forward(system, text: str, bank, s: dict, log) -> dict:
   """A forward with a composed adapter of k·r ranks vs the plain forward, on `forward_tokens` tokens."""
-
   model, rank = system.model, system.cfg.rank
-  bank = run.bank("doc2atom")
-  ids = model.encode(run.doc.text)[:min(s["forward_tokens"], model.config.max_position_embeddings)]
+  ids = model.encode(text)[:min(s["forward_tokens"], model.config.max_position_embeddings)]
   tokens, mask = np.asarray([ids], np.int32), np.ones((1, len(ids)), bool)
   out = {"tokens": len(ids), "rank_per_atom": rank, "default_rank": system.cfg.default_rank,
          "plain_seconds": timed(_forward_fn(model, tokens, mask), s["repeats"]), "by_kr": {}}
@@ -544,9 +544,9 @@ def run(config, workdir: pathlib.Path | None, log: Callable[[str], None] = print
   results = {"settings": {k: v for k, v in s.items()}, "model": model.name,
              "params": config.params or "untrained (initialized): timing does not depend on training"}
   log("documents:")
-  results["documents"], runs = measure_documents(system, config, s, log)
+  results["documents"], banks = measure_documents(system, config, s, log)
   log("composed forward:")
-  results["composed_forward"] = measure_composed_forward(system, runs[s["lengths"][0]], s, log)
+  results["composed_forward"] = measure_composed_forward(system, *banks[s["lengths"][0]], s, log)
   log("training:")
   results["matmul_ceiling"] = measure_matmul_ceiling(s)
   log(f"  matmul ceiling: {results['matmul_ceiling']['flops_per_second'] / 1e9:.2f} GFLOP/s "
@@ -572,43 +572,20 @@ def run(config, workdir: pathlib.Path | None, log: Callable[[str], None] = print
   return results
 
 
-def main(argv) -> None:
-  from absl import app  # pylint: disable=import-outside-toplevel
-
-  from doc2atom_jax import main as main_lib  # pylint: disable=import-outside-toplevel  (its --config, --workdir)
-  from doc2atom_jax import paths  # pylint: disable=import-outside-toplevel
-
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  try:
-    config = main_lib._CONFIG.value  # pylint: disable=protected-access
-    if config is None:
-      raise UserError("--config is required, e.g. --config=configs/bench.py")
-    try:
-      config.mode
-    except OSError as e:
-      raise UserError(main_lib._message(e)) from None  # pylint: disable=protected-access
-    if "bench" not in config:
-      raise UserError("the config has no `bench` section: use --config=configs/bench.py")
-    paths.enable_compilation_cache()
-    run(config, pathlib.Path(main_lib._WORKDIR.value) if main_lib._WORKDIR.value else None)  # pylint: disable=protected-access
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+def job(config, workdir: pathlib.Path | None) -> dict:
+  """mode=bench (and `python -m doc2atom_jax.bench`): the benchmark of a config with a `bench` section."""
+  if "bench" not in config:
+    raise UserError("the config has no `bench` section: use --config=configs/bench.py")
+  return run(config, workdir)
 
 
-def cli() -> None:
-  import logging  # pylint: disable=import-outside-toplevel
-
-  from absl import app  # pylint: disable=import-outside-toplevel
-  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
-
-  from doc2atom_jax import main as main_lib  # pylint: disable=import-outside-toplevel
-
-  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  app.run(main, flags_parser=main_lib._parse_flags)  # pylint: disable=protected-access
+def main(args=()) -> None:
+  """`python -m doc2atom_jax.bench --config=configs/bench.py`: mode=bench under main's flags and errors."""
+  del args
+  config = cli.config(example="configs/bench.py")
+  cli.prepare(config)
+  job(config, cli.workdir())
 
 
 if __name__ == "__main__":
-  cli()
+  cli.run(main)

@@ -1,4 +1,5 @@
-"""The CPU experiment of docs/experiment.md, stage by stage, resumable: `python -m doc2atom_jax.experiment STAGE`.
+"""The CPU experiment of docs/experiment.md, stage by stage, resumable:
+`python -m doc2atom_jax.experiment STAGE [--root=DIR] [--dry-run] [--out=DIR]` (main's command line: cli.py).
 
 Stages (each runs `python -m doc2atom_jax.main` subprocesses one after another, never two at once: the
 machine has two cores):
@@ -13,12 +14,20 @@ last checkpoint (the trainer's own resume), so `all` can be restarted after a st
 `--dry-run` prints the commands and the selections it can already make, and runs nothing.
 """
 
-import argparse
 import json
 import pathlib
 import subprocess
 import sys
 import time
+
+from absl import flags
+
+from doc2atom_jax import cli
+from doc2atom_jax.errors import UserError
+
+_ROOT = flags.DEFINE_string("root", "runs/experiment", "the experiment's output folder")
+_DRY_RUN = flags.DEFINE_bool("dry-run", False, "print the commands, run nothing")
+_OUT = flags.DEFINE_string("out", None, "the report's folder (default <root>/report)")
 
 CONFIG = "configs/smollm2_synthetic.py"
 METHODS = ("doc2atom", "d2l", "d2l_256", "d2l_atom")
@@ -117,12 +126,11 @@ def parameter_counts() -> dict[str, int]:
   import jax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
-  from configs import smollm2_synthetic  # pylint: disable=import-outside-toplevel
   from doc2atom_jax import system as system_lib  # pylint: disable=import-outside-toplevel
 
   counts, model = {}, None
   for m in METHODS:
-    config = smollm2_synthetic.get_config(None if m == "doc2atom" else m)
+    config = system_lib.config_from_file(config_arg(m))
     system = system_lib.build_system(config, model=model)
     model = system.model
     state = nnx.state((system.compiler, system.router), nnx.Param)
@@ -131,58 +139,68 @@ def parameter_counts() -> dict[str, int]:
 
 
 def run(commands, *, dry_run: bool, log, done=finished) -> None:
-  for workdir, command in commands:
+  """The commands one after another (each shows its own progress bar), skipping finished ones; each start is
+  logged as [i/n] with the stage's elapsed time and an estimate of what is left (mean time per run so far)."""
+  todo = [(w, c) for w, c in commands if not done(w)]
+  for workdir, _ in commands:
     if done(workdir):
       log(f"done already: {workdir}")
-      continue
-    log(" ".join(command))
+  stage_start, finished_runs = time.perf_counter(), 0
+  for i, (workdir, command) in enumerate(todo, 1):
+    elapsed = time.perf_counter() - stage_start
+    eta = f", about {elapsed / finished_runs * (len(todo) - i + 1) / 60:.0f} min left" if finished_runs else ""
+    log(f"[{i}/{len(todo)}{f', {elapsed / 60:.0f} min in{eta}' if not dry_run else ''}] " + " ".join(command))
     if dry_run:
       continue
     start = time.perf_counter()
     status = subprocess.call(command)
     if status:
       raise SystemExit(f"experiment: {workdir} failed with exit status {status}; rerun the same command to resume")
+    finished_runs += 1
     log(f"finished {workdir} in {time.perf_counter() - start:.0f} s")
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m doc2atom_jax.experiment", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("stage", choices=(*STAGES, "all"))
-  parser.add_argument("--root", default="runs/experiment", help="output folder (default runs/experiment)")
-  parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-  parser.add_argument("--out", default=None, help="the report's folder (default <root>/report)")
-  args = parser.parse_args(argv)
-  root, python = pathlib.Path(args.root), sys.executable
+def run_stages(stage: str, root: pathlib.Path, *, dry_run: bool = False, out: pathlib.Path | None = None) -> None:
+  """One stage (or `all`, the five in order) under `root`; `out` is the report's folder (default
+  <root>/report)."""
+  if stage not in (*STAGES, "all"):
+    raise UserError(f"unknown stage {stage!r}: python -m doc2atom_jax.experiment {{{','.join((*STAGES, 'all'))}}} "
+                    "[--root=DIR] [--dry-run] [--out=DIR]")
+  root, python = pathlib.Path(root), sys.executable
   log = lambda msg: print(msg, flush=True)
-  stages = STAGES if args.stage == "all" else (args.stage,)
-  if "params" in stages and not args.dry_run:
+  stages = STAGES if stage == "all" else (stage,)
+  if "params" in stages and not dry_run:
     counts = parameter_counts()
     ref = counts["doc2atom"]
     for m, n in counts.items():
       log(f"params {m}: {n:,} ({n / ref - 1:+.1%} vs doc2atom){'' if abs(n / ref - 1) <= 0.1 else '  OUTSIDE +-10%'}")
   if "sweep" in stages:
-    run(sweep_commands(root, python), dry_run=args.dry_run, log=log,
+    run(sweep_commands(root, python), dry_run=dry_run, log=log,
         done=lambda w: heldout_kl(w, SWEEP_STEPS) is not None)
   if "final" in stages:
     chosen = selections(root)
     for m, lr in chosen.items():
       log(f"learning rate {m}: {'not selected yet (sweep unfinished)' if lr is None else f'{lr:g}'}")
-    run(final_commands(root, python, chosen), dry_run=args.dry_run, log=log)
+    run(final_commands(root, python, chosen), dry_run=dry_run, log=log)
   if "eval" in stages:
     missing = [m for m in METHODS if not finished(final_dir(root, m))]
-    if missing and not args.dry_run:
-      raise SystemExit(f"experiment: the final runs of {', '.join(missing)} are not finished; run `final` first")
-    run(eval_commands(root, python), dry_run=args.dry_run, log=log,
+    if missing and not dry_run:
+      raise UserError(f"the final runs of {', '.join(missing)} are not finished; run `final` first")
+    run(eval_commands(root, python), dry_run=dry_run, log=log,
         done=lambda w: (w / "eval" / "results.json").exists())
-  if "report" in stages and not args.dry_run:
+  if "report" in stages and not dry_run:
     from doc2atom_jax import experiment_report  # pylint: disable=import-outside-toplevel
-    from doc2atom_jax.errors import UserError  # pylint: disable=import-outside-toplevel
-    try:
-      log(f"report: {experiment_report.write(root, pathlib.Path(args.out) if args.out else root / 'report')}")
-    except UserError as e:
-      raise SystemExit(f"experiment: {e}") from None
+
+    log(f"report: {experiment_report.write(root, pathlib.Path(out) if out else root / 'report')}")
+
+
+def main(args) -> None:
+  """`python -m doc2atom_jax.experiment STAGE [--root=DIR] [--dry-run] [--out=DIR]`."""
+  if not args:
+    raise UserError(f"name a stage: python -m doc2atom_jax.experiment {{{','.join((*STAGES, 'all'))}}} "
+                    "[--root=DIR] [--dry-run] [--out=DIR]")
+  run_stages(args[0], pathlib.Path(_ROOT.value), dry_run=_DRY_RUN.value, out=_OUT.value)
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, positional=("STAGE",), usage="python -m doc2atom_jax.experiment STAGE [--dry-run] [--out=DIR]")

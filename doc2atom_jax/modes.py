@@ -232,7 +232,7 @@ def train(config, workdir: pathlib.Path | None):
                                     {"run": run_meta, "step": tcfg.steps, "model": system.model.name})
     print(f"exported the trained compiler and router to {path} (use --config.params={path})")
   if finished and heldout:
-    results = quick.evaluate(system, heldout, max_new_tokens=config.eval.max_new_tokens)
+    results = quick.evaluate(system, heldout, max_new_tokens=config.eval.max_new_tokens, progress="held-out eval")
     check = quick.learning_check(results, untrained, config.eval.margin)
   if finished and heldout and distributed.is_main_process():
     fileio.atomic_write_text(workdir / "results.json", json.dumps(
@@ -260,7 +260,8 @@ def _untrained_results(system, documents, workdir: pathlib.Path, run_meta: dict)
     saved = json.loads(path.read_text(encoding="utf-8"))
     if saved.get("run") == run_meta and saved.get("documents") == len(documents) and saved.get("version") == 2:
       return saved["results"]
-  results = quick.evaluate(system, documents, generate=False, controls=False, baselines=False)
+  results = quick.evaluate(system, documents, generate=False, controls=False, baselines=False,
+                           progress="untrained eval")
   print(f"untrained compiler: held-out KL to the teacher {results['doc2atom']['kl']:.3f} "
         f"({len(documents)} validation documents)")
   from doc2atom_jax import distributed
@@ -455,3 +456,13 @@ def plan(config, workdir: pathlib.Path | None) -> dict:
 
 
 MODES["plan"] = plan
+
+
+def bench(config, workdir: pathlib.Path | None) -> dict:
+  """The performance benchmark (doc2atom_jax/bench.py) of a config with a `bench` section (configs/bench.py)."""
+  from doc2atom_jax import bench as bench_lib
+
+  return bench_lib.job(config, workdir)
+
+
+MODES["bench"] = bench

@@ -8,6 +8,7 @@ differ by what varies how much, and each is named here once:
 - `length_bucket(n, floor)`: four buckets per octave (prompt lengths under evaluation and generation: at most
   25% padding for about four shapes per doubling);
 - `atom_bucket(n, size)`: a power of two up to `size`, then multiples of it (training's atom axis);
+- `ladder(n, first, growth)`: first, first·growth, ... (a bank's rows: routing compiles once per rung);
 - `pad_up(batch, floor)`: a batch of arrays grown to a per-axis floor kept across steps.
 """
 
@@ -39,6 +40,14 @@ def atom_bucket(n: int, size: int) -> int:
   """The atom axis: a power of two up to `size`, then multiples of it. d2l has one unit per document (or a
   few chunks), which padding to `size` made 8x as wide in the compiler, the factors and the composition."""
   return 1 << max(0, n - 1).bit_length() if n <= size else multiple(n, size)
+
+
+def ladder(n: int, first: int = 64, growth: int = 4) -> int:
+  """The smallest of first, first·growth, first·growth², ... that is >= n."""
+  size = first
+  while size < n:
+    size *= growth
+  return size
 
 
 def pad_up(batch: dict, floor: dict) -> tuple[dict, dict]:

@@ -5,6 +5,7 @@ Below the modes, the evaluator, the benchmark and the experiment, which all buil
 imports nothing of theirs. The config is passed in (an `ml_collections.ConfigDict` as `configs/*.py` make it).
 """
 
+import importlib.util
 import json
 import pathlib
 
@@ -94,3 +95,16 @@ def trained_system(config, method: str, path: str, model):
   else:
     derived = variants.apply(ml_collections.ConfigDict(values), method)
   return build_system(derived, model=model)
+
+
+def config_from_file(spec: str) -> ml_collections.ConfigDict:
+  """The config of `path.py[:arg]` (`get_config(arg)`), as `--config=path.py:arg` gives it, for code that
+  drives several configs itself (the experiment's parameter counts). Run from the repository root: config
+  files import `configs.*`."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location(f"_config_{pathlib.Path(path).stem}", path)
+  if module_spec is None or not pathlib.Path(path).is_file():
+    raise UserError(f"config file {path} does not exist")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)

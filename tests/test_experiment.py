@@ -11,6 +11,7 @@ import pytest
 
 from configs import smollm2_synthetic
 from doc2atom_jax import experiment
+from doc2atom_jax.errors import UserError
 
 
 def write_eval(workdir, rows, cut_last=False):
@@ -37,7 +38,7 @@ def test_selection_lowest_kl_ties_to_the_smaller_rate():
 
 def test_dry_run_prints_the_sweep_then_finals_once_selected(tmp_path, capsys):
   root = tmp_path / "exp"
-  experiment.main(["all", "--dry-run", f"--root={root}"])
+  experiment.run_stages("all", root, dry_run=True)
   out = capsys.readouterr().out
   sweep_runs = sum(len(experiment.LEARNING_RATES[m]) for m in experiment.METHODS)
   assert out.count("doc2atom_jax.main") == sweep_runs + 3
@@ -46,8 +47,8 @@ def test_dry_run_prints_the_sweep_then_finals_once_selected(tmp_path, capsys):
   for i, method in enumerate(experiment.METHODS):
     for j, lr in enumerate(experiment.LEARNING_RATES[method]):
       write_eval(experiment.sweep_dir(root, method, lr), [{"step": 50, "kl": 2.0 + abs(j - i % 3) * 0.1}])
-  experiment.main(["sweep", "--dry-run", f"--root={root}"])
-  experiment.main(["final", "--dry-run", f"--root={root}"])
+  experiment.run_stages("sweep", root, dry_run=True)
+  experiment.run_stages("final", root, dry_run=True)
   out = capsys.readouterr().out
   assert out.count("done already") == sweep_runs
   chosen = experiment.selections(root)
@@ -59,8 +60,8 @@ def test_dry_run_prints_the_sweep_then_finals_once_selected(tmp_path, capsys):
 
 
 def test_eval_waits_for_the_final_runs(tmp_path):
-  with pytest.raises(SystemExit, match="not finished"):
-    experiment.main(["eval", f"--root={tmp_path}"])
+  with pytest.raises(UserError, match="not finished"):
+    experiment.run_stages("eval", tmp_path)
 
 
 def test_every_command_is_a_valid_config_override(tmp_path):

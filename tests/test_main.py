@@ -204,3 +204,33 @@ def test_unknown_config_variant_is_one_error_line():
   result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, XLA_FLAGS=""),
                           timeout=300)
   assert_user_error(result, "unknown config variant 'lora'", "d2l_atom")
+
+
+@pytest.mark.parametrize("module, extra", [("doc2atom_jax.main", ["--config=configs/tiny.py"]),
+                                           ("doc2atom_jax.bench", ["--config=configs/bench.py:tiny"]),
+                                           ("doc2atom_jax.experiment", ["report", "--dry-run"])])
+def test_a_stray_argument_is_one_error_line_on_every_entry_point(module, extra):
+  """One flag parser (cli.py) for the three entry points: a stray positional argument is one line, exit 2
+  (it was 14 lines of usage and exit 1)."""
+  result = subprocess.run([sys.executable, "-m", module, *extra, "stray"], cwd=ROOT, capture_output=True,
+                          text=True, env=dict(os.environ, XLA_FLAGS=""), timeout=300)
+  assert_user_error(result, "unexpected argument(s): stray")
+  assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_experiment_without_a_stage_and_a_bad_flag(tmp_path):
+  result = subprocess.run([sys.executable, "-m", "doc2atom_jax.experiment", f"--root={tmp_path}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+  assert_user_error(result, "name a stage", "all")
+  result = subprocess.run([sys.executable, "-m", "doc2atom_jax.experiment", "all", "--dryrun"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+  assert_user_error(result, "bad flags", "dryrun")
+
+
+def test_bench_is_a_mode_of_main_too(tmp_path):
+  """`python -m doc2atom_jax.main --config=configs/bench.py` runs the benchmark (mode=bench); a config without a
+  bench section is one error line."""
+  result = subprocess.run([sys.executable, "-m", "doc2atom_jax.main", "--config=configs/tiny.py",
+                           "--config.mode=bench", f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True,
+                          text=True, env=dict(os.environ, XLA_FLAGS=""), timeout=300)
+  assert_user_error(result, "no `bench` section")

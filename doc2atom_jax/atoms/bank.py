@@ -50,7 +50,7 @@ import ml_dtypes
 import numpy as np
 import safetensors.numpy
 
-from doc2atom_jax import fileio
+from doc2atom_jax import fileio, shapes
 from doc2atom_jax.atoms import atomize
 from doc2atom_jax.errors import UserError
 
@@ -126,10 +126,7 @@ class AtomBank:
 def bucket_size(n: int, bucket_sizes: Sequence[int] | None = None) -> int:
   """The smallest bucket >= n: from `bucket_sizes`, or else the unbounded ladder 64, 256, 1024, ..."""
   if bucket_sizes is None:
-    size = _FIRST_BUCKET
-    while size < n:
-      size *= _BUCKET_GROWTH
-    return size
+    return shapes.ladder(n, _FIRST_BUCKET, _BUCKET_GROWTH)
   fitting = [b for b in bucket_sizes if b >= n]
   if not fitting:
     raise UserError(f"{n} atoms do not fit the largest bucket ({max(bucket_sizes, default=0)}); "
@@ -173,7 +170,7 @@ def dequantize_int8(q, scales) -> np.ndarray:
   return np.asarray(q, np.float32) * np.asarray(scales, np.float32)[..., None, None, None]
 
 
-def stored_codes(codes, code_dtype: str) -> np.ndarray:
+def roundtrip_codes(codes, code_dtype: str) -> np.ndarray:
   """float32 codes as a bank stored as `code_dtype` returns them (rounded or quantized, back in float32)."""
   _code_dtype(code_dtype)
   if code_dtype == "int8":
@@ -181,7 +178,7 @@ def stored_codes(codes, code_dtype: str) -> np.ndarray:
   return np.asarray(codes, np.float32).astype(CODE_DTYPES[code_dtype]).astype(np.float32)
 
 
-def stored_keys(keys, key_dtype: str = "float32") -> np.ndarray:
+def roundtrip_keys(keys, key_dtype: str = "float32") -> np.ndarray:
   """float32 keys as a bank stored with `key_dtype` returns them."""
   return np.asarray(keys, np.float32).astype(_key_dtype(key_dtype)).astype(np.float32)
 
@@ -379,9 +376,9 @@ def _check_fit(manifest: dict, documents: list[BankDocument]) -> None:
       raise UserError(f"document {doc.doc_id!r}: codes [L, n_t, r, c] = {shape} and key size {dim} do not "
                       f"match the atom bank's {code_shape} and {key_dim}")
     code_dtype, key_dtype = manifest["code_dtype"], _manifest_key_dtype(manifest)
-    if code_dtype != "int8" and not np.all(np.isfinite(stored_codes(doc.codes, code_dtype))):
+    if code_dtype != "int8" and not np.all(np.isfinite(roundtrip_codes(doc.codes, code_dtype))):
       raise UserError(f"document {doc.doc_id!r}: codes overflow {code_dtype}; store the bank in float32")
-    if not np.all(np.isfinite(stored_keys(doc.keys, key_dtype))):
+    if not np.all(np.isfinite(roundtrip_keys(doc.keys, key_dtype))):
       raise UserError(f"document {doc.doc_id!r}: keys overflow {key_dtype}; store the keys in float32")
 
 
@@ -419,8 +416,8 @@ def _write_shard(path: pathlib.Path, number: int, doc: BankDocument, manifest: d
 
 def _encode_shard(doc: BankDocument, manifest: dict) -> bytes:
   code_dtype, key_dtype, version = manifest["code_dtype"], _manifest_key_dtype(manifest), manifest["format_version"]
-  tensors = {**_stored_codes(doc.codes, code_dtype),
-             "keys": _stored_keys(doc.keys, key_dtype),
+  tensors = {**_code_tensors(doc.codes, code_dtype),
+             "keys": _key_tensor(doc.keys, key_dtype),
              "types": np.array([atomize.ATOM_TYPES.index(a.type) for a in doc.atoms], np.int32)}
   atoms = [_atom_record(a) for a in doc.atoms]
   metadata = {"format": FORMAT_NAME, "format_version": str(version), "doc_id": doc.doc_id,
@@ -435,7 +432,7 @@ def _atom_record(atom: atomize.Atom) -> dict:
           "char_end": int(atom.char_end), "token_start": int(atom.token_start), "token_end": int(atom.token_end)}
 
 
-def _stored_codes(codes, code_dtype: str) -> dict[str, np.ndarray]:
+def _code_tensors(codes, code_dtype: str) -> dict[str, np.ndarray]:
   """float32 codes -> the tensors written to disk: "codes" (bfloat16 as its uint16 bit pattern; int8 with
   "code_scales" [n, L] float32)."""
   if code_dtype == "int8":
@@ -446,7 +443,7 @@ def _stored_codes(codes, code_dtype: str) -> dict[str, np.ndarray]:
 
 
 def _loaded_codes(tensors: dict, code_dtype: str) -> np.ndarray:
-  """The shard's code tensors -> float32 codes (the inverse of `_stored_codes`, up to its rounding)."""
+  """The shard's code tensors -> float32 codes (the inverse of `_code_tensors`, up to its rounding)."""
   stored = tensors["codes"]
   if stored.dtype != _STORED_AS[code_dtype]:
     raise ValueError(f"codes are {stored.dtype}, expected {np.dtype(_STORED_AS[code_dtype])} for {code_dtype}")
@@ -458,7 +455,7 @@ def _loaded_codes(tensors: dict, code_dtype: str) -> np.ndarray:
   return stored.view(CODE_DTYPES[code_dtype]).astype(np.float32)
 
 
-def _stored_keys(keys, key_dtype: str) -> np.ndarray:
+def _key_tensor(keys, key_dtype: str) -> np.ndarray:
   """float32 keys -> the array written to disk (bfloat16 as its uint16 bit pattern)."""
   cast = np.asarray(keys, np.float32).astype(KEY_DTYPES[key_dtype])
   return np.ascontiguousarray(cast.view(np.uint16) if key_dtype == "bfloat16" else cast)

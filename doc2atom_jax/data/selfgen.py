@@ -12,7 +12,7 @@ Layout of the output folder (`selfgen.output`):
   * `empty-00003-of-00008.jsonl` (only when there are some): questions the model answered with nothing, or
     with nothing left after SQuAD normalization (punctuation, articles): `answers: []`, `empty: true` and the
     raw text as `generated`. They live apart ON PURPOSE: in a shard file such a record would read as an
-    unanswerable question (`metrics.is_unanswerable`) and train the null atom on "unknown", which the model
+    unanswerable question (`data/answers.py: is_unanswerable`) and train the null atom on "unknown", which the model
     never said. The trainer must not read these files; they are kept for inspection and counted.
     An answer that is a refusal ("I don't know", "not mentioned") stays in the shard file: the model
     declined with the document in view, so the student learning to decline there is faithful distillation;
@@ -36,9 +36,9 @@ import time
 from collections.abc import Callable, Sequence
 
 from doc2atom_jax import fileio
+from doc2atom_jax.data import answers as answers_lib
 from doc2atom_jax.data import prompts, qa
 from doc2atom_jax.errors import UserError
-from doc2atom_jax.eval import metrics
 
 MANIFEST = "selfgen.json"
 PARTS = "parts"
@@ -174,7 +174,7 @@ def _answer_tokens(model, answer: str, max_new_tokens: int) -> int:
 
 def is_empty(answer: str) -> bool:
   """Nothing to train on: no text left after SQuAD normalization (which would read as a refusal)."""
-  return not metrics.normalize_answer(answer)
+  return not answers_lib.normalize_answer(answer)
 
 
 def record(example: qa.QAExample, answer: str, model_name: str) -> dict:
@@ -293,7 +293,7 @@ def _generate_part(model, documents: dict[str, list[qa.QAExample]], doc_ids: Seq
       counts.documents += 1
       counts.questions += len(questions)
       counts.empty += sum(map(is_empty, answers))
-      counts.refusals += sum(not is_empty(a) and metrics.is_refusal(a) for a in answers)
+      counts.refusals += sum(not is_empty(a) and answers_lib.is_refusal(a) for a in answers)
       counts.tokens += sum(_answer_tokens(model, a, settings.max_new_tokens) for a in answers)
     bar.update(1)
   return records

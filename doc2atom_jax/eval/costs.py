@@ -126,3 +126,28 @@ def assemble(bytes_per_document: Mapping[str, dict], internalize: Mapping[int, M
           "internalize_seconds": dict(internalize.get(longest, {})),
           "answer_seconds": dict(answer.get(longest, {})),
           "latency_by_length": by_length}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Texts of a measured length (latency at a stated number of document tokens).
+# ---------------------------------------------------------------------------------------------------------
+def count_tokens(model, text: str) -> int:
+  return len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def truncated(model, text: str, tokens: int) -> str:
+  """The text up to the end of its first `tokens` tokens."""
+  offsets = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+  return text if len(offsets) <= tokens else text[:offsets[tokens - 1][1]]
+
+
+def text_of_length(model, texts: Sequence[str], tokens: int) -> str:
+  """The evaluated documents joined (cycling through them) to at least `tokens` tokens, then cut there."""
+  parts, total = [], 0
+  while total < tokens:
+    for text in texts:
+      parts.append(text)
+      total += count_tokens(model, text) + 1
+      if total >= tokens:
+        break
+  return truncated(model, "\n\n".join(parts), tokens)

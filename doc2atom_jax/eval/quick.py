@@ -16,6 +16,7 @@ import collections
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from doc2atom_jax import shapes
 from doc2atom_jax.atoms import atomize, bank as bank_lib
@@ -37,8 +38,8 @@ def in_memory_bank(documents: list[bank_lib.BankDocument], code_dtype: str = "bf
   """The bank these documents would load as from disk (codes and keys rounded or quantized as stored)."""
   if not any(len(d.atoms) for d in documents):
     raise UserError("empty bank: no document with atoms to route over or compose")
-  codes = bank_lib.stored_codes(np.concatenate([d.codes for d in documents]), code_dtype)  # as bank.py stores
-  keys = bank_lib.stored_keys(np.concatenate([d.keys for d in documents]), key_dtype)
+  codes = bank_lib.roundtrip_codes(np.concatenate([d.codes for d in documents]), code_dtype)  # as bank.py stores
+  keys = bank_lib.roundtrip_keys(np.concatenate([d.keys for d in documents]), key_dtype)
   atoms = [a for d in documents for a in d.atoms]
   return bank_lib.AtomBank(
       path=None, fingerprint="", meta={}, doc_ids=[d.doc_id for d in documents],
@@ -76,7 +77,7 @@ def _teacher_nll(model, question_rows, doc_text):
 
 
 def evaluate(system, documents, *, max_new_tokens: int = 12, generate: bool = True, controls: bool = True,
-             baselines: bool = True) -> dict:
+             baselines: bool = True, progress: str | None = None) -> dict:
   """Per method: mean nll, kl (to the in-context teacher), f1, em, refusal rates; plus routing top-1.
 
   nll and kl are over answerable questions (as the training's kd term): on out-of-scope ones the right
@@ -84,12 +85,13 @@ def evaluate(system, documents, *, max_new_tokens: int = 12, generate: bool = Tr
   makes an answer up, and KL to it would count a correct abstention against the method.
 
   With `controls` (and two documents or more), also `default_only` and `wrong_document` (nll, kl); without
-  `baselines`, doc2atom (and its controls) only.
+  `baselines`, doc2atom (and its controls) only. `progress`: a progress bar's label (None: no bar).
   """
   model = system.model
   per = collections.defaultdict(lambda: collections.defaultdict(list))
   banks = [in_memory_bank([system.compile_document(doc.text, doc.doc_id)]) for doc in documents]
-  for j, doc in enumerate(documents):
+  for j, doc in enumerate(tqdm.tqdm(documents, desc=progress, unit="doc", dynamic_ncols=True,
+                                    disable=progress is None)):
     td = data_lib.to_train_document(doc, model.tokenizer)
     b = batch_lib.build(model, [td], evidence_teacher=False)  # only the document teacher is read here
     bank = banks[j]

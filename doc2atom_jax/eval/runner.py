@@ -32,7 +32,7 @@ skipped and counted, never cut.
 
 in_context and in_context_trunc answer from the document's prefix KV cache: the tokens every one of its prompts
 starts with (chat header, document, "Question:") are prefilled once per document (`DocumentRun.document_cache`,
-`generate.prefill_prefix`) and each batch of questions prefills only its suffixes (`generate_with_prefix`), the
+`BaseModel.prefix_cache`) and each batch of questions prefills only its suffixes (`generate_ids(prefix=)`), the
 same token sequences as the full prompts, so the same answers up to float rounding, at a fraction of the
 prefill work (one document prefill instead of one per question). Their latency is measured the same way: the
 cache build is in_context's internalization, the answer continues it.
@@ -48,6 +48,7 @@ from collections.abc import Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from doc2atom_jax import fileio, paths, shapes
 from doc2atom_jax import system as system_lib
@@ -58,7 +59,6 @@ from doc2atom_jax.eval import aggregate as agg
 from doc2atom_jax.eval import capacity as capacity_lib
 from doc2atom_jax.eval import costs as costs_lib
 from doc2atom_jax.eval import quick
-from doc2atom_jax.models import generate as generate_lib
 from doc2atom_jax.train import batch as batch_lib
 from doc2atom_jax.train import losses
 from doc2atom_jax.train import teacher as teacher_lib
@@ -220,91 +220,21 @@ def evidence_atoms(doc: EvalDocument, question: EvalQuestion, atoms) -> tuple[in
 # ---------------------------------------------------------------------------------------------------------
 # Model calls at bucketed shapes.
 # ---------------------------------------------------------------------------------------------------------
-def chat_ids(model, user_turns: Sequence[str]) -> list[list[int]]:
-  return [model.encode(model.chat_prompt(p)) for p in user_turns]
-
-
-def generate_tokens(model, seqs: Sequence[Sequence[int]], *, max_new_tokens: int, adapter=None, stop: bool = True):
-  """Greedy (tokens [B, n], counts [B]) for token prompts left-padded to a `shapes.length_bucket`.
-
-  `stop=False` ignores stop tokens, so exactly `max_new_tokens` are generated (latency measurements).
-  """
-  limit = model.config.max_position_embeddings - max_new_tokens
-  longest = max(map(len, seqs))
-  if longest > limit:
-    raise UserError(f"a prompt of {longest} tokens leaves no room for {max_new_tokens} new tokens in the "
-                    f"context of {model.config.max_position_embeddings}")
-  tokens, mask = generate_lib.left_pad(list(seqs), min(shapes.length_bucket(longest), limit), model.pad_id)
-  stop_ids = np.asarray(model.stop_token_ids if stop else (), np.int32)  # numpy: no eager op to compile
-  return generate_lib.generate_tokens(model.weights, model.config, tokens, mask, stop_ids, _KEY, np.float32(0.0),
-                                      np.float32(1.0), adapter, max_new_tokens=max_new_tokens, greedy=True)
-
-
-def decoded(model, out, counts) -> list[str]:
-  """Generated tokens [B, n] and counts [B] -> answer texts (stop tokens dropped, stripped)."""
-  stops = set(model.stop_token_ids)
-  return [model.tokenizer.decode([t for t in row[:n] if t not in stops], skip_special_tokens=True).strip()
-          for row, n in zip(np.asarray(out).tolist(), np.asarray(counts).tolist())]
-
-
-def generate(model, user_turns: Sequence[str], *, max_new_tokens: int, adapter=None) -> list[str]:
-  """Greedy answers to user turns (chat template), decoded; a row that hits the budget keeps what it has."""
-  out, counts = generate_tokens(model, chat_ids(model, user_turns), max_new_tokens=max_new_tokens, adapter=adapter)
-  return decoded(model, out, counts)
-
-
-# The shared document prefix of in-context prompts.
-SUFFIX_BUCKET = 32  # floor of a suffix's length bucket: question + instruction + assistant header, ~20-60 tokens
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-  """The number of leading tokens `a` and `b` share."""
-  n = 0
-  for x, y in zip(a, b):
-    if x != y:
-      break
-    n += 1
-  return n
+def generate(model, user_turns: Sequence[str], *, max_new_tokens: int, adapter=None, stop: bool = True,
+             prefix=None) -> list[str]:
+  """Greedy answers to user turns (chat template) at the evaluator's prompt buckets (`shapes.length_bucket`),
+  decoded and stripped; a row that hits the budget keeps what it has. `prefix`: a document's prefix cache."""
+  out, counts = model.generate_ids(model.chat_ids(user_turns), max_new_tokens=max_new_tokens, adapter=adapter,
+                                   stop=stop, prefix=prefix, bucket=shapes.length_bucket)
+  return [text.strip() for text in model.decode_generated(out, counts)]
 
 
 def document_prefix_ids(model, text: str) -> list[int]:
-  """The tokens every in-context prompt over `text` starts with: the longest common prefix of its rendered
-  prompts for two unlike questions (chat header, document, the "Question:" label). Found from the rendered
-  tokens, never assumed from the template, so any chat template and tokenizer boundary is handled."""
-  a, b = (model.encode(model.chat_prompt(prompts.in_context_prompt(text, q))) for q in ("a", "b"))
-  return a[:common_prefix(a, b)]
+  """The tokens every in-context prompt over `text` starts with (chat header, document, the "Question:" label):
+  the shared prefix of its rendered prompts for two unlike questions."""
+  return model.shared_prefix_ids([prompts.in_context_prompt(text, q) for q in ("a", "b")])
 
 
-def prefix_cache(model, ids: Sequence[int]):
-  """The KV cache of prefix tokens (batch 1), right-padded to a `shapes.length_bucket`: documents of nearby
-  lengths share one compiled prefill and generator."""
-  length = min(shapes.length_bucket(len(ids)), max(len(ids), model.config.max_position_embeddings))
-  tokens, mask = generate_lib.right_pad(list(ids), length, model.pad_id)
-  return generate_lib.prefill_prefix(model.weights, model.config, tokens, mask)
-
-
-def generate_with_prefix(model, prefix_ids: Sequence[int], cache, seqs: Sequence[Sequence[int]], *,
-                         max_new_tokens: int, stop: bool = True):
-  """`generate_tokens` for token prompts that start with `prefix_ids`, whose KV cache (`prefix_cache`) is reused:
-  each row prefills only its suffix, left-padded to a length bucket. Rows that share fewer leading tokens with
-  the prefix (or with nothing after it) use a shorter part of the cache; the token sequences run are exactly
-  `seqs`, as `generate_tokens` runs them."""
-  limit = model.config.max_position_embeddings - max_new_tokens
-  longest = max(map(len, seqs))
-  if longest > limit:
-    raise UserError(f"a prompt of {longest} tokens leaves no room for {max_new_tokens} new tokens in the "
-                    f"context of {model.config.max_position_embeddings}")
-  shared = min(min(common_prefix(prefix_ids, s), len(s) - 1) for s in seqs)  # a suffix keeps >= 1 token
-  suffixes = [list(s[shared:]) for s in seqs]
-  tokens, mask = generate_lib.left_pad(suffixes, shapes.length_bucket(max(map(len, suffixes)), SUFFIX_BUCKET),
-                                       model.pad_id)
-  stop_ids = np.asarray(model.stop_token_ids if stop else (), np.int32)
-  return generate_lib.generate_from_prefix(model.weights, model.config, cache, tokens, mask, stop_ids, _KEY,
-                                           np.float32(0.0), np.float32(1.0), np.int32(shared),
-                                           max_new_tokens=max_new_tokens, greedy=True)
-
-
-_KEY = jax.random.key(0)  # greedy decoding never draws from it
 
 
 @functools.partial(jax.jit, static_argnames="k")
@@ -319,10 +249,6 @@ def teacher_scores(logits, targets, mask, *, k: int = teacher_lib.TOP_K):
 def student_scores(logits, targets, mask, teacher_ids, teacher_logp):
   """(gold-answer NLL [B], top-K KL to the teacher [B]) from a method's answer logits."""
   return losses.answer_ce(logits, targets, mask), losses.topk_kl(logits, teacher_ids, teacher_logp, mask)
-
-
-def count_tokens(model, text: str) -> int:
-  return len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _padded(items: list, size: int) -> list:
@@ -356,7 +282,7 @@ class DocumentRun:
     self.key_dtype = key_dtype
     main = systems["doc2atom"]
     self.model = main.model
-    self.doc_tokens = count_tokens(self.model, doc.text)
+    self.doc_tokens = costs_lib.count_tokens(self.model, doc.text)
     self.atoms = main.split(doc.text, doc.doc_id).atoms
     self.evidence = [evidence_atoms(doc, q, self.atoms) for q in doc.questions]
     self.banks: dict[str, object] = {}
@@ -365,18 +291,11 @@ class DocumentRun:
     self._prefixes: dict[str, tuple] = {}
 
   def document_cache(self, text: str):
-    """(prefix token ids, prefix KV cache) of the in-context prompts over `text`, built once per document (and
-    per text: in_context_trunc has its own)."""
+    """The prefix cache of the in-context prompts over `text` (`BaseModel.prefix_cache`), built once per
+    document (and per text: in_context_trunc has its own)."""
     if text not in self._prefixes:
-      ids = document_prefix_ids(self.model, text)
-      self._prefixes[text] = ids, prefix_cache(self.model, ids)
+      self._prefixes[text] = self.model.prefix_cache(document_prefix_ids(self.model, text))
     return self._prefixes[text]
-
-  def answer_in_context(self, text: str, user_turns: Sequence[str], *, max_new_tokens: int, stop: bool = True):
-    """Greedy (tokens, counts) for in-context user turns over `text`, continuing its prefix cache."""
-    ids, cache = self.document_cache(text)
-    return generate_with_prefix(self.model, ids, cache, chat_ids(self.model, user_turns),
-                                max_new_tokens=max_new_tokens, stop=stop)
 
   def bank(self, system_name: str):
     """The document compiled by one system, as the bank it would load as (codes rounded to storage)."""
@@ -408,12 +327,6 @@ def _routed_atoms(indices, weights) -> list[tuple[int, ...]]:
   return [tuple(int(i) for i, w in zip(idx, wt) if i >= 0 and w > 0) for idx, wt in rows]
 
 
-def _truncated(model, text: str, tokens: int) -> str:
-  """The text up to the end of its first `tokens` tokens."""
-  offsets = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-  return text if len(offsets) <= tokens else text[:offsets[tokens - 1][1]]
-
-
 def _question_turns(run: DocumentRun, rows) -> list[str]:
   return [prompts.question_prompt(run.doc.questions[i].question) for i in rows]
 
@@ -431,7 +344,7 @@ def _in_context(run: DocumentRun, rows) -> Inputs:
 
 
 def _in_context_trunc(run: DocumentRun, rows) -> Inputs:
-  text = _truncated(run.model, run.doc.text, run.trunc_tokens)
+  text = costs_lib.truncated(run.model, run.doc.text, run.trunc_tokens)
   return Inputs(_document_turns(run, rows, text), document=text)
 
 
@@ -527,7 +440,7 @@ def _cached_teacher(run: DocumentRun, rows, answers, cache):
   answer_ids = [batch_lib.answer_tokens(model, a) for a in answers]
   keys = [f"{doc.doc_id}\x00{doc.questions[i].qid}\x00{doc.questions[i].question}\x00{a}\x00doc"
           for i, a in zip(rows, answers)]
-  found = cache.get_or_compute(model, keys, chat_ids(model, _document_turns(run, rows, doc.text)), answer_ids)
+  found = cache.get_or_compute(model, keys, model.chat_ids(_document_turns(run, rows, doc.text)), answer_ids)
   width = shapes.multiple(max(map(len, answer_ids)), teacher_lib.ANSWER_BUCKET)  # as pack_answers pads
   ids = np.zeros((len(rows), width, teacher_lib.TOP_K), np.int32)
   logp = np.zeros((len(rows), width, teacher_lib.TOP_K), np.float32)
@@ -583,11 +496,10 @@ def evaluate_document(run: DocumentRun, methods: Sequence[str], *, batch_size: i
           nll, kl = _scores(model, inputs, answers, teacher)
         if inputs.answers:
           texts = inputs.answers
-        elif reuse_prefix and inputs.document is not None and inputs.adapter is None:
-          texts = decoded(model, *run.answer_in_context(inputs.document, inputs.user_turns,
-                                                        max_new_tokens=max_new_tokens))
         else:
-          texts = generate(model, inputs.user_turns, max_new_tokens=max_new_tokens, adapter=inputs.adapter)
+          reuse = reuse_prefix and inputs.document is not None and inputs.adapter is None
+          texts = generate(model, inputs.user_turns, max_new_tokens=max_new_tokens, adapter=inputs.adapter,
+                           prefix=run.document_cache(inputs.document) if reuse else None)
         if key is not None:
           done[key] = texts, nll, kl
       records += [_record(method, run, i, r, texts[r], nll, kl, inputs) for r, i in enumerate(real)
@@ -643,7 +555,7 @@ def load_datasets(names: Sequence[str], model, settings: Settings, *, max_questi
   """name -> the documents evaluated, and name -> Coverage. `max_questions` caps each QA dataset; synthetic
   sets take `synthetic_documents` per facts size (unseen) or that many in all per size count (seen)."""
   limit = document_limit(model, settings)
-  fits = lambda text: count_tokens(model, text) <= limit
+  fits = lambda text: costs_lib.count_tokens(model, text) <= limit
   datasets, coverage = {}, {}
   for name in dict.fromkeys(names):
     cov = coverage[name] = Coverage()
@@ -678,10 +590,13 @@ def _document_stats(run: DocumentRun) -> dict:
 
 def evaluate(systems: Mapping, datasets: Mapping[str, Sequence[EvalDocument]], methods: Sequence[str],
              settings: Settings, coverage: Mapping[str, Coverage] | None = None):
-  """(records, per-document stats) for every method on every document; prints one line per dataset."""
+  """(records, per-document stats) for every method on every document; a progress bar over the documents
+(ETA) and one line per dataset."""
   records, stats = [], []
+  bar = tqdm.tqdm(total=sum(len(d) for d in datasets.values()), desc="eval", unit="doc", dynamic_ncols=True)
   for name, docs in datasets.items():
     start = time.perf_counter()
+    bar.set_postfix_str(name)
     for doc in docs:
       run = DocumentRun(doc, systems, code_dtype=settings.code_dtype, trunc_tokens=settings.trunc_tokens,
                         key_dtype=settings.key_dtype)
@@ -691,13 +606,15 @@ def evaluate(systems: Mapping, datasets: Mapping[str, Sequence[EvalDocument]], m
                                              learning_rate=settings.capacity_learning_rate),
           capacity_doc_rank=settings.capacity_doc_rank)
       stats.append(_document_stats(run))
+      bar.update(1)
     seconds = time.perf_counter() - start
     cov = (coverage or {}).get(name)
     if cov is not None:
       cov.seconds = seconds
     skipped = f", {cov.skipped_long} skipped as too long" if cov and cov.skipped_long else ""
-    print(f"eval {name}: {sum(len(d.questions) for d in docs)} questions, {len(docs)} documents{skipped} "
-          f"({seconds:.1f} s)", flush=True)
+    bar.write(f"eval {name}: {sum(len(d.questions) for d in docs)} questions, {len(docs)} documents{skipped} "
+              f"({seconds:.1f} s)")
+  bar.close()
   return records, stats
 
 
@@ -729,7 +646,7 @@ def _internalize_fn(run: DocumentRun, method: str, trunc_tokens: int) -> Callabl
   del trunc_tokens
   if method in IN_CONTEXT:  # building the document's prefix KV cache, as answering uses it
     ids = document_prefix_ids(run.model, BUILDERS[method](run, (0,)).document)
-    return lambda: prefix_cache(run.model, ids)
+    return lambda: run.model.prefix_cache(ids).cache
   if method == "no_context":
     return None
   system = run.systems[system_of(method)]
@@ -741,30 +658,20 @@ def _answer_fn(run: DocumentRun, method: str, new_tokens: int, reuse_prefix: boo
 
   In-context methods continue the document's prefix cache, built here, before timing (it is their
   internalization); reuse_prefix=False prefills the whole prompt per question instead."""
+  model = run.model
   if reuse_prefix and method in IN_CONTEXT:
     inputs = BUILDERS[method](run, (0,))
-    run.document_cache(inputs.document)
-    return lambda: run.answer_in_context(inputs.document, inputs.user_turns, max_new_tokens=new_tokens, stop=False)
+    prefix = run.document_cache(inputs.document)
+    return lambda: model.generate_ids(model.chat_ids(inputs.user_turns), max_new_tokens=new_tokens, stop=False,
+                                      prefix=prefix)
 
   def answer():
     run.clear_routes()
     inputs = BUILDERS[method](run, (0,))
-    return generate_tokens(run.model, chat_ids(run.model, inputs.user_turns), max_new_tokens=new_tokens,
-                           adapter=inputs.adapter, stop=False)
+    return model.generate_ids(model.chat_ids(inputs.user_turns), max_new_tokens=new_tokens, adapter=inputs.adapter,
+                              stop=False, bucket=shapes.length_bucket)
 
   return answer
-
-
-def _text_of_length(model, texts: Sequence[str], tokens: int) -> str:
-  """The evaluated documents joined (cycling through them) to at least `tokens` tokens, then cut there."""
-  parts, total = [], 0
-  while total < tokens:
-    for text in texts:
-      parts.append(text)
-      total += count_tokens(model, text) + 1
-      if total >= tokens:
-        break
-  return _truncated(model, "\n\n".join(parts), tokens)
 
 
 def measure_costs(systems: Mapping, methods: Sequence[str], datasets: Mapping[str, Sequence[EvalDocument]],
@@ -781,8 +688,11 @@ def measure_costs(systems: Mapping, methods: Sequence[str], datasets: Mapping[st
   # The oracle answers as doc2atom, minus routing; the capacity oracle is fitted per batch of questions.
   timed = [m for m in methods if m != "doc2atom_oracle" and m not in CAPACITY]
   internalize, answer = {}, {}
-  for length in sorted({int(t) for t in lengths if 0 < int(t) <= limit}):
-    text = _text_of_length(model, [d.text for d in docs], length)
+  measured = sorted({int(t) for t in lengths if 0 < int(t) <= limit})
+  print(f"eval: timing {', '.join(timed)} at {', '.join(map(str, measured))} document tokens "
+        f"({repeats} repetitions after a warm-up)", flush=True)
+  for length in measured:
+    text = costs_lib.text_of_length(model, [d.text for d in docs], length)
     run = DocumentRun(EvalDocument("costs", f"costs-{length}", text, (question,)), systems,
                       code_dtype=settings.code_dtype, trunc_tokens=settings.trunc_tokens, key_dtype=settings.key_dtype)
     by_system: dict[str, float] = {}
@@ -875,6 +785,7 @@ def run(config, workdir: pathlib.Path | None) -> pathlib.Path:
                       capacity_doc_rank=e.capacity_doc_rank, capacity_learning_rate=e.capacity_learning_rate)
   # A scanned layer stack compiles ~6x faster than the unrolled loop and runs as fast (SmolLM2, 2 CPU cores):
   # an evaluation compiles a few dozen shapes, so that is most of a cold run's time.
+  print(f"eval: loading {config.model.name} and the systems of {', '.join(methods)}", flush=True)
   model = system_lib.load_model(config, scan_layers=e.scan_layers)
   main = system_lib.build_system(config, model=model)
   if not config.params:
@@ -890,12 +801,15 @@ def run(config, workdir: pathlib.Path | None) -> pathlib.Path:
   if not any(datasets.values()):
     raise UserError("no document to evaluate: every dataset is empty or all its documents are over "
                     f"eval.max_doc_tokens={e.max_doc_tokens}")
+  print("eval: " + ", ".join(f"{name} {len(docs)} documents" for name, docs in datasets.items())
+        + f"; {len(methods)} methods each", flush=True)
   records, stats = evaluate(systems, datasets, methods, settings, coverage)
   costs = measure_costs(systems, methods, datasets, stats, settings, lengths=tuple(e.latency_lengths),
                         repeats=e.cost_repeats, new_tokens=e.cost_new_tokens)
   meta = {"methods": list(methods), "params": config.params, "exports": exports, "documents": stats,
           "coverage": {k: dataclasses.asdict(v) for k, v in coverage.items()},
           "wall_seconds": time.perf_counter() - start}
+  print(f"eval: writing the report to {output}", flush=True)
   report_lib.write_report(output, records, config=config.to_dict(), costs=costs, meta=meta)
   wall = time.perf_counter() - start
   report_md = output / "report.md"

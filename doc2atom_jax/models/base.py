@@ -112,37 +112,86 @@ class BaseModel:
   def encode(self, text: str) -> list[int]:
     return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
+  def chat_ids(self, user_turns) -> list[list[int]]:
+    """Token ids of user turns in the chat template, ready for the assistant's answer."""
+    return [self.encode(self.chat_prompt(u)) for u in user_turns]
+
+  # -- generation: the one entry point (`generate_ids`; `generate` decodes it) ----------------------------
   def generate(self, prompts: list[str] | str, *, max_new_tokens: int = 32, temperature: float = 0.0,
-               top_p: float = 1.0, seed: int = 0, adapter=None, chat: bool = True,
-               truncation: str = "error") -> list[str]:
+               top_p: float = 1.0, seed: int = 0, adapter=None, chat: bool = True, truncation: str = "error",
+               stop: bool = True, prefix: generate_lib.PrefixCache | None = None, bucket=None) -> list[str]:
     """Answers for a batch of prompts (wrapped in the chat template when `chat`), decoded to text.
 
-    truncation: "error" refuses prompts that do not fit the context with the answer budget; "left" keeps
-    their last tokens.
+    Every generation of the project comes here (modes generate and ask, `AtomSystem.answer`, the evaluators,
+    self-generation, the benchmark); the options are `generate_ids`'s.
     """
     if isinstance(prompts, str):
       prompts = [prompts]
     if not prompts or any(not p.strip() for p in prompts):
       raise UserError("empty prompt: give some text to answer")
-    texts = [self.chat_prompt(p) if chat else p for p in prompts]
-    seqs = [self.encode(t) for t in texts]
+    seqs = self.chat_ids(prompts) if chat else [self.encode(p) for p in prompts]
+    out, counts = self.generate_ids(seqs, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                    seed=seed, adapter=adapter, truncation=truncation, stop=stop, prefix=prefix,
+                                    bucket=bucket)
+    return self.decode_generated(out, counts)
+
+  def generate_ids(self, seqs, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                   seed: int = 0, adapter=None, truncation: str = "error", stop: bool = True,
+                   prefix: generate_lib.PrefixCache | None = None, bucket=None):
+    """(new tokens [B, max_new_tokens] with -1 after a row stops, counts [B]) for token prompts.
+
+    truncation: "error" refuses prompts that do not fit the context with the answer budget; "left" keeps
+    their last tokens. stop=False ignores stop tokens, so exactly `max_new_tokens` are generated (latency
+    measurements). prefix: a `prefix_cache` the prompts start with (a document asked many questions): each
+    row prefills only its suffix (no adapter then: the cache is shared across rows). bucket: the padded
+    prompt length for a longest prompt of n tokens (default: multiples of `generate.PROMPT_BUCKET`; the
+    evaluator uses `shapes.length_bucket`).
+    """
+    if max_new_tokens < 1:
+      raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     budget = self.config.max_position_embeddings - max_new_tokens
+    seqs = [list(s) for s in seqs]
     for i, seq in enumerate(seqs):
       if len(seq) > budget:
-        if truncation != "left":
+        if truncation != "left" or prefix is not None:
           raise UserError(f"prompt {i} has {len(seq)} tokens; with {max_new_tokens} new tokens the context of "
                           f"{self.config.max_position_embeddings} allows {budget} (set truncation='left' to "
                           "keep the end of the prompt)")
         seqs[i] = seq[-budget:]
-    length = min(shapes.multiple(max(map(len, seqs)), generate_lib.PROMPT_BUCKET), budget)
+    stop_ids = np.asarray(self.stop_token_ids if stop else (), np.int32)  # numpy: no eager op to compile
+    sampling = (jax.random.key(seed), np.float32(temperature), np.float32(top_p))
+    greedy = temperature <= 0
+    if prefix is not None:
+      if adapter is not None:
+        raise ValueError("a shared prefix cache cannot carry a per-row adapter")
+      return generate_lib.continue_prefix_ids(self.weights, self.config, prefix, seqs, self.pad_id, stop_ids,
+                                              *sampling, max_new_tokens=max_new_tokens, greedy=greedy)
+    longest = max(map(len, seqs))
+    length = min(bucket(longest) if bucket else shapes.multiple(longest, generate_lib.PROMPT_BUCKET), budget)
     tokens, mask = generate_lib.left_pad(seqs, length, self.pad_id)
-    out, counts = generate_lib.generate_tokens(
-        self.weights, self.config, jnp.asarray(tokens), jnp.asarray(mask),
-        jnp.asarray(self.stop_token_ids, jnp.int32), jax.random.key(seed), jnp.float32(temperature),
-        jnp.float32(top_p), adapter, max_new_tokens=max_new_tokens, greedy=temperature <= 0)
-    out, counts = np.asarray(out), np.asarray(counts)
-    return [self.tokenizer.decode([t for t in row[:n] if t not in self.stop_token_ids], skip_special_tokens=True)
-            for row, n in zip(out, counts)]
+    return generate_lib.generate_tokens(self.weights, self.config, tokens, mask, stop_ids, *sampling, adapter,
+                                        max_new_tokens=max_new_tokens, greedy=greedy)
+
+  def decode_generated(self, out, counts) -> list[str]:
+    """`generate_ids`'s tokens and counts -> texts (stop tokens dropped; not stripped)."""
+    stops = set(self.stop_token_ids)
+    return [self.tokenizer.decode([t for t in row[:n] if t not in stops], skip_special_tokens=True)
+            for row, n in zip(np.asarray(out).tolist(), np.asarray(counts).tolist())]
+
+  def prefix_cache(self, ids) -> generate_lib.PrefixCache:
+    """The KV cache of prefix tokens (batch 1) for `generate_ids(prefix=)`, right-padded to a
+    `shapes.length_bucket`: prefixes of nearby lengths share one compiled prefill and generator."""
+    ids = list(ids)
+    length = min(shapes.length_bucket(len(ids)), max(len(ids), self.config.max_position_embeddings))
+    tokens, mask = generate_lib.right_pad(ids, length, self.pad_id)
+    return generate_lib.PrefixCache(tuple(ids), generate_lib.prefill_prefix(self.weights, self.config, tokens, mask))
+
+  def shared_prefix_ids(self, user_turns) -> list[int]:
+    """The tokens every one of these chat-rendered user turns starts with (found from the rendered tokens,
+    never assumed from the template, so any chat template and tokenizer boundary is handled)."""
+    seqs = self.chat_ids(user_turns)
+    n = min(generate_lib.common_prefix(seqs[0], s) for s in seqs[1:]) if len(seqs) > 1 else len(seqs[0])
+    return seqs[0][:n]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -17,15 +17,36 @@ full prompt, sliding windows included. Shapes depend on (prefix bucket, batch, s
 max_new_tokens) only: another document in the same prefix bucket, or other questions, do not recompile.
 """
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from doc2atom_jax import shapes
 from doc2atom_jax.models import decoder as decoder_lib
 
-PROMPT_BUCKET = 64  # `BaseModel.generate`'s prompts are padded to a multiple of this
+PROMPT_BUCKET = 64  # prompts are padded to a multiple of this unless the caller gives its own bucket
+SUFFIX_BUCKET = 32  # floor of a suffix's length bucket after a prefix: question + instruction + header, ~20-60
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixCache:
+  """Prompt tokens many prompts start with (a document's chat header and text) and their KV cache, batch 1
+  (`BaseModel.prefix_cache`)."""
+  ids: tuple[int, ...]
+  cache: decoder_lib.KVCache
+
+
+def common_prefix(a, b) -> int:
+  """The number of leading tokens `a` and `b` share."""
+  n = 0
+  for x, y in zip(a, b):
+    if x != y:
+      break
+    n += 1
+  return n
 
 
 def left_pad(sequences: list[list[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -147,3 +168,16 @@ def continue_prefix(weights, cfg, prefix: decoder_lib.KVCache, tokens, mask, pre
   cache = decoder_lib.KVCache(kv(prefix.k), kv(prefix.v), rows(prefix.positions), rows(valid), prefix.length)
   out = decoder_lib.forward(weights, cfg, tokens, attention_mask=mask, cache=cache, compute_logits=False)
   return decoder_lib.logits_from_hidden(weights, cfg, out.hidden[:, -1]), out.cache
+
+
+def continue_prefix_ids(weights, cfg, prefix: PrefixCache, seqs, pad_id: int, stop_ids, rng, temperature, top_p,
+                        *, max_new_tokens: int, greedy: bool):
+  """`generate_tokens` for token prompts that start with `prefix.ids`, whose KV cache is reused: each row
+  prefills only its suffix, left-padded to a length bucket. Rows that share fewer leading tokens with the
+  prefix (or with nothing after it) use a shorter part of the cache; the token sequences run are exactly
+  `seqs`."""
+  shared = min(min(common_prefix(prefix.ids, s), len(s) - 1) for s in seqs)  # a suffix keeps >= 1 token
+  suffixes = [list(s[shared:]) for s in seqs]
+  tokens, mask = left_pad(suffixes, shapes.length_bucket(max(map(len, suffixes)), SUFFIX_BUCKET), pad_id)
+  return generate_from_prefix(weights, cfg, prefix.cache, tokens, mask, stop_ids, rng, temperature, top_p,
+                              np.int32(shared), max_new_tokens=max_new_tokens, greedy=greedy)

@@ -65,18 +65,18 @@ def test_round_trip_error_is_at_most_half_a_step_per_atom_and_layer():
   assert np.all(np.abs(back.astype(np.float64) - x) <= step.astype(np.float64) * (0.5 + 127.5 * 2.0 ** -24))
 
 
-def test_stored_codes_and_keys_as_banks_return_them():
+def test_roundtrip_codes_and_keys_as_banks_return_them():
   x = DOC_A.codes
-  np.testing.assert_array_equal(bank_lib.stored_codes(x, "float32"), x)
-  np.testing.assert_array_equal(bank_lib.stored_codes(x, "bfloat16"), x.astype(ml_dtypes.bfloat16).astype(np.float32))
-  np.testing.assert_array_equal(bank_lib.stored_codes(x, "int8"), bank_lib.dequantize_int8(*bank_lib.quantize_int8(x)))
-  np.testing.assert_array_equal(bank_lib.stored_keys(DOC_A.keys), DOC_A.keys)
-  np.testing.assert_array_equal(bank_lib.stored_keys(DOC_A.keys, "bfloat16"),
+  np.testing.assert_array_equal(bank_lib.roundtrip_codes(x, "float32"), x)
+  np.testing.assert_array_equal(bank_lib.roundtrip_codes(x, "bfloat16"), x.astype(ml_dtypes.bfloat16).astype(np.float32))
+  np.testing.assert_array_equal(bank_lib.roundtrip_codes(x, "int8"), bank_lib.dequantize_int8(*bank_lib.quantize_int8(x)))
+  np.testing.assert_array_equal(bank_lib.roundtrip_keys(DOC_A.keys), DOC_A.keys)
+  np.testing.assert_array_equal(bank_lib.roundtrip_keys(DOC_A.keys, "bfloat16"),
                                 DOC_A.keys.astype(ml_dtypes.bfloat16).astype(np.float32))
   with pytest.raises(UserError, match="code dtype"):
-    bank_lib.stored_codes(x, "int4")
+    bank_lib.roundtrip_codes(x, "int4")
   with pytest.raises(UserError, match="key dtype"):
-    bank_lib.stored_keys(DOC_A.keys, "float16")
+    bank_lib.roundtrip_keys(DOC_A.keys, "float16")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -88,7 +88,7 @@ def test_int8_bank_round_trip(tmp_path):
   bank = bank_lib.load(path, fingerprint=FP)
   assert bank.code_dtype == "int8" and bank.key_dtype == "float32" and bank.doc_ids == ["a", "b"]
   expected = np.concatenate([DOC_A.codes, DOC_B.codes])
-  np.testing.assert_array_equal(bank.codes, bank_lib.stored_codes(expected, "int8"))
+  np.testing.assert_array_equal(bank.codes, bank_lib.roundtrip_codes(expected, "int8"))
   assert bank.codes.dtype == np.float32 and not np.array_equal(bank.codes, expected)  # really quantized
   np.testing.assert_array_equal(bank.keys, np.concatenate([DOC_A.keys, DOC_B.keys]))  # float32 keys: exact
   assert bank.atoms == list(DOC_A.atoms + DOC_B.atoms)

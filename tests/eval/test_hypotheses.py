@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from doc2atom_jax import experiment
+from doc2atom_jax.errors import UserError
 from doc2atom_jax.eval import aggregate as agg
 from doc2atom_jax.eval import hypotheses as hyp
 
@@ -148,7 +149,7 @@ def test_report_merges_d2l_256_and_writes_every_part(tmp_path):
   (final / "results.json").write_text(json.dumps({"methods": {"doc2atom": {"kl": 1.5, "nll": 2.5}}, "learning_check": [
       {"control": "default adapter only", "control_kl": 1.7, "doc2atom_kl": 1.5, "margin": 0.05, "passed": True}]}))
   (final / "metrics.jsonl").write_text("\n".join(json.dumps({"step": s, "step_time_s": 2.0}) for s in (1, 2, 3, 2)))
-  experiment.main(["report", f"--root={root}"])
+  experiment.run_stages("report", root)
   out = root / "report"
   text = (out / "results.md").read_text()
   main_table = text.split("### Interference")[0]
@@ -169,5 +170,5 @@ def test_report_merges_d2l_256_and_writes_every_part(tmp_path):
 
 
 def test_report_before_the_evaluation_says_what_to_run(tmp_path):
-  with pytest.raises(SystemExit, match="results.json is missing: run `python -m doc2atom_jax.experiment eval`"):
-    experiment.main(["report", f"--root={tmp_path}"])
+  with pytest.raises(UserError, match="results.json is missing: run `python -m doc2atom_jax.experiment eval`"):
+    experiment.run_stages("report", tmp_path)

@@ -190,8 +190,7 @@ def test_always_refusing_method_scores_full_refusal_and_full_false_refusal(monke
 def test_generation_that_hits_the_token_limit_is_scored():
   system = system_lib.build_system(config())
   model = system.model
-  out, counts = runner.generate_tokens(model, runner.chat_ids(model, ["Say something long."] * 2), max_new_tokens=5,
-                                       stop=False)
+  out, counts = model.generate_ids(model.chat_ids(["Say something long."] * 2), max_new_tokens=5, stop=False)
   assert np.asarray(counts).tolist() == [5, 5] and np.asarray(out).shape == (2, 5)
   doc = runner.unseen_synthetic(1, (3,), seed=0, questions=4)[0]
   run = runner.DocumentRun(doc, {"doc2atom": system}, code_dtype="bfloat16", trunc_tokens=64)

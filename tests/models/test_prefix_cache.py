@@ -126,9 +126,9 @@ def test_document_prefix_is_what_every_prompt_starts_with():
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_evaluator_predictions_equal_with_and_without_the_prefix_cache(family, monkeypatch):
   # Predictions as token ids: a random model's bytes often decode to the same replacement characters.
-  monkeypatch.setattr(runner, "decoded", lambda model, out, counts: [
-      str(row[:n].tolist()) for row, n in zip(np.asarray(out), np.asarray(counts))])
   model = base.tiny_random(family)
+  monkeypatch.setattr(model, "decode_generated", lambda out, counts: [
+      str(row[:n].tolist()) for row, n in zip(np.asarray(out), np.asarray(counts))])
   methods = ("in_context", "in_context_trunc")
   run = document_run(model, TEXT, QUESTIONS)
   fast = runner.evaluate_document(run, methods, batch_size=2, max_new_tokens=6)
@@ -145,10 +145,10 @@ def test_generate_with_prefix_equals_generate_tokens_when_a_prompt_leaves_the_pr
   tokens: the batch uses the shared part of the cache."""
   model = base.tiny_random("qwen3")
   ids = runner.document_prefix_ids(model, TEXT)
-  cache = runner.prefix_cache(model, ids)
+  cache = model.prefix_cache(ids)
   seqs = [ids + [70, 71, 72], ids[:-3] + [80, 81, 82, 83], ids + [5]]
-  out, counts = runner.generate_with_prefix(model, ids, cache, seqs, max_new_tokens=5, stop=False)
-  ref, ref_counts = runner.generate_tokens(model, seqs, max_new_tokens=5, stop=False)
+  out, counts = model.generate_ids(seqs, max_new_tokens=5, stop=False, prefix=cache)
+  ref, ref_counts = model.generate_ids(seqs, max_new_tokens=5, stop=False, bucket=shapes.length_bucket)
   assert np.asarray(out).tolist() == np.asarray(ref).tolist()
   assert np.asarray(counts).tolist() == np.asarray(ref_counts).tolist() == [5, 5, 5]
 
