@@ -39,6 +39,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from doc2atom_jax import cli, variants
 from doc2atom_jax.atoms import encode
@@ -141,7 +142,7 @@ def _forward_fn(model, tokens, mask, adapter=None):
   return lambda: base._forward(model.weights, model.config, tokens, mask, adapter, False, True).logits  # pylint: disable=protected-access
 
 
-def measure_documents(system, config, s: dict, log) -> tuple[dict, dict]:
+def measure_documents(system, config, s: dict, log, step: Callable[[], None] = lambda: None) -> tuple[dict, dict]:
   """Per document length: answer latency (both methods, through the public paths a user runs), compile vs
   forward, bytes per document. Also returns length -> (text, bank) for the composed-forward figures."""
   import dataclasses  # pylint: disable=import-outside-toplevel
@@ -197,6 +198,7 @@ def measure_documents(system, config, s: dict, log) -> tuple[dict, dict]:
     log(f"  {length} tokens ({r['atoms']} atoms): answer doc2atom {a['doc2atom']['median'] * 1e3:.0f} ms, "
         f"in_context {a['in_context']['median'] * 1e3:.0f} ms; compile {r['compile_seconds']['median'] * 1e3:.0f} ms"
         f" vs forward {r['forward_seconds']['median'] * 1e3:.0f} ms")
+    step()
   return out, banks
 
 
@@ -543,17 +545,24 @@ def run(config, workdir: pathlib.Path | None, log: Callable[[str], None] = print
       f"; {s['repeats']} timed repetitions after a warm-up per figure")
   results = {"settings": {k: v for k, v in s.items()}, "model": model.name,
              "params": config.params or "untrained (initialized): timing does not depend on training"}
+  # A bar over the figure groups (each length, then composed forward, training, routing) with an ETA.
+  bar = tqdm.tqdm(total=len(s["lengths"]) + 3, desc="bench", unit="figure", dynamic_ncols=True)
+  step = lambda: bar.update(1)
   log("documents:")
-  results["documents"], banks = measure_documents(system, config, s, log)
+  results["documents"], banks = measure_documents(system, config, s, log, step)
   log("composed forward:")
   results["composed_forward"] = measure_composed_forward(system, *banks[s["lengths"][0]], s, log)
+  step()
   log("training:")
   results["matmul_ceiling"] = measure_matmul_ceiling(s)
   log(f"  matmul ceiling: {results['matmul_ceiling']['flops_per_second'] / 1e9:.2f} GFLOP/s "
       f"(f32 {s['matmul_size']}x{s['matmul_size']})")
   results["train_step"] = measure_train_step(system, config, s, results["matmul_ceiling"], log)
+  step()
   log("routing:")
   results["routing"] = measure_routing(system, s, log)
+  step()
+  bar.close()
   rows = table_rows(results, s)
   results["table"] = rows
   results["targets_missed"] = [r["figure"] for r in rows if r["status"] == "MISSED"]

@@ -12,6 +12,7 @@ from configs import tiny
 from doc2atom_jax import fileio, modes
 from doc2atom_jax import system as system_lib
 from doc2atom_jax.errors import UserError
+from tests.cli_helpers import assert_user_error
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = [{"doc_id": "orlen", "text": "The Orlen Observatory was founded in 1871 by Maria Delvane."}]
@@ -23,15 +24,6 @@ def cli(*args, workdir=None):
     cmd.append(f"--workdir={workdir}")
   return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, XLA_FLAGS=""),
                         timeout=600)
-
-
-def assert_user_error(result, *needles):
-  assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
-  assert "Traceback" not in result.stderr, result.stderr
-  lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
-  assert len(lines) == 1, result.stderr
-  for needle in needles:
-    assert needle in lines[0], lines[0]
 
 
 def write_docs(path):

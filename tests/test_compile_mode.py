@@ -15,6 +15,7 @@ from configs import tiny
 from doc2atom_jax import modes
 from doc2atom_jax.atoms import atomize, bank as bank_lib, pipeline
 from doc2atom_jax.eval import quick
+from tests.cli_helpers import assert_user_error
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ORLEN = {"doc_id": "orlen", "text": "The Orlen Observatory was founded in 1871 by the astronomer Maria Delvane. "
@@ -37,15 +38,6 @@ def run(cmd):
                         timeout=600)
 
 
-def assert_one_error_line(result, *needles):
-  assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
-  assert "Traceback" not in result.stderr, result.stderr
-  lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
-  assert len(lines) == 1, result.stderr
-  for needle in needles:
-    assert needle in lines[0], lines[0]
-
-
 def snapshot(folder):
   return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -58,7 +50,7 @@ def test_a_conflict_writes_nothing_and_the_fixed_file_resumes(tmp_path):
   # A new document, then one whose id is in the bank with other text: refused before anything is written.
   changed = dict(ORLEN, text="The Orlen Observatory was founded in 1872.")
   docs = write_jsonl(tmp_path / "docs.jsonl", [TARNOW, changed])
-  assert_one_error_line(run(compile_cmd(docs, bank)), "'orlen'", "already in the atom bank")
+  assert_user_error(run(compile_cmd(docs, bank)), "'orlen'", "already in the atom bank")
   assert snapshot(bank) == before
   # The file fixed: the stored document is skipped, the new one compiled.
   write_jsonl(docs, [TARNOW, ORLEN])

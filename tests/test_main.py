@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests.cli_helpers import assert_user_error
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -20,15 +22,6 @@ def cli(*overrides, workdir=None):
     cmd.append(f"--workdir={workdir}")
   env = dict(os.environ, XLA_FLAGS="")  # one device is enough here
   return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
-
-
-def assert_user_error(result, *needles):
-  assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
-  assert "Traceback" not in result.stderr, result.stderr
-  lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
-  assert len(lines) == 1, result.stderr
-  for needle in needles:
-    assert needle in lines[0], lines[0]
 
 
 def test_generate_mode_writes_answers(tmp_path):
