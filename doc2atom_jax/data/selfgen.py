@@ -30,12 +30,10 @@ import dataclasses
 import hashlib
 import json
 import pathlib
-import signal
-import threading
 import time
 from collections.abc import Callable, Sequence
 
-from doc2atom_jax import fileio
+from doc2atom_jax import fileio, preemption
 from doc2atom_jax.data import answers as answers_lib
 from doc2atom_jax.data import prompts, qa
 from doc2atom_jax.errors import UserError
@@ -227,24 +225,6 @@ def _check_manifest(output: pathlib.Path, expected: dict) -> None:
   fileio.atomic_write_text(path, json.dumps(expected, indent=1) + "\n")
 
 
-class _StopOnSigterm:
-  """SIGTERM sets a flag; the run finishes the current part, then returns (exit status 0)."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-    if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread only
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
 def _write_part(path: pathlib.Path, records: list[dict]) -> None:
   with fileio.atomic_open(path, "w", encoding="utf-8") as f:
     for r in records:
@@ -331,7 +311,7 @@ def run(examples: Sequence[qa.QAExample], model, settings: Settings, output, *, 
   todo = _pending_shards(output, settings)
   bar = tqdm.tqdm(total=sum(len(assignment[s]) for s in todo), desc="selfgen", unit="doc", dynamic_ncols=True,
                   disable=not progress)
-  stop = _StopOnSigterm()
+  stop = preemption.SigtermFlag()  # the current part finishes, then the run returns (exit status 0)
   try:
     for shard in todo:
       doc_ids = assignment[shard]

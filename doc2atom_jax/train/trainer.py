@@ -15,7 +15,6 @@ processes.
 import dataclasses
 import json
 import pathlib
-import signal
 import time
 
 import jax
@@ -26,7 +25,7 @@ import tqdm
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from doc2atom_jax import distributed, fileio, parallel, paths
+from doc2atom_jax import distributed, fileio, parallel, paths, preemption
 from doc2atom_jax.data import prompts
 from doc2atom_jax.errors import UserError
 from doc2atom_jax.train import batch as batch_lib
@@ -52,21 +51,6 @@ class TrainConfig:
   rules: tuple = parallel.DEFAULT_RULES  # logical axis -> mesh axes (parallel.rules_for(config.sharding...))
   allow_config_change: bool = False  # resume a workdir whose checkpoint came from another config
   eval_every: int = 0  # steps between held-out evaluations (`eval_fn`); 0 = none during training
-
-
-class _Preemption:
-  """SIGTERM sets a flag; the loop saves after the current step and returns."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
 
 
 class _NoEvents:
@@ -200,7 +184,7 @@ def train(system, documents_for_step, tcfg: TrainConfig, loss_cfg: step_lib.Loss
   # Keyed by what the teacher's numbers depend on: model, compute dtype, and the rendered prompt template.
   template = model.chat_prompt(prompts.in_context_prompt("{document}", "{question}"))
   cache = teacher_lib.TeacherCache(paths.cache_root() / "teacher", f"{model.name}/{model.config.dtype}", template)
-  preemption = _Preemption()
+  sigterm = preemption.SigtermFlag()
   from tensorboardX import SummaryWriter  # local: only the trainer writes events
 
   events = SummaryWriter(str(workdir / "tensorboard")) if main else _NoEvents()
@@ -231,7 +215,7 @@ def train(system, documents_for_step, tcfg: TrainConfig, loss_cfg: step_lib.Loss
       bar.set_postfix(loss=f"{metrics['loss']:.3f}", kd=f"{metrics['kd']:.3f}", top1=f"{metrics['route_top1']:.2f}")
       done = step + 1
       # read once, agreed by all processes: a signal arriving later is honoured after the next step
-      stopping = distributed.any_process(preemption.requested)
+      stopping = distributed.any_process(sigterm.requested)
       if stopping or done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
         save(done)
       if stopping:
@@ -252,7 +236,7 @@ def train(system, documents_for_step, tcfg: TrainConfig, loss_cfg: step_lib.Loss
     events.close()
     manager.wait_until_finished()
     manager.close()
-    preemption.restore()
+    sigterm.restore()
     bar.close()
   nnx.update((system.compiler, system.router), distributed.host_local(params))  # process-local on P processes
   return history
