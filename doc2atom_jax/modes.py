@@ -228,7 +228,7 @@ def train(config, workdir: pathlib.Path | None):
   if finished and distributed.is_main_process():  # files are process 0's; the others evaluate alike and wait
     from doc2atom_jax import checkpoint
 
-    path = checkpoint.export_params((system.compiler, system.router), workdir / "export",
+    path = checkpoint.export_params((system.compiler, system.router), checkpoint.export_dir(workdir),
                                     {"run": run_meta, "step": tcfg.steps, "model": system.model.name})
     print(f"exported the trained compiler and router to {path} (use --config.params={path})")
   if finished and heldout:
@@ -321,7 +321,7 @@ def export(config, workdir: pathlib.Path | None) -> dict:
   if document and not document.strip():
     raise UserError("export.document is empty")
   kind, source, step = _export_source(config, workdir)
-  output = pathlib.Path(e.output).expanduser() if e.output else (workdir / "export" if workdir else None)
+  output = pathlib.Path(e.output).expanduser() if e.output else (checkpoint.export_dir(workdir) if workdir else None)
   if output is None:
     raise UserError("set --workdir (the export goes to <workdir>/export) or --config.export.output")
   write_params = True
@@ -415,20 +415,21 @@ def _export_source(config, workdir: pathlib.Path | None) -> tuple[str, pathlib.P
 
   if config.export.source:
     path = pathlib.Path(config.export.source).expanduser()
-    if (path / checkpoint.META_FILE).is_file() or (path / "params").is_dir():
+    if checkpoint.is_export(path):
       return "export", path, None
-    if path.name.isdigit() and (path / "state").is_dir():  # one checkpoint: <workdir>/checkpoints/<step>
+    if checkpoint.is_checkpoint_step(path):  # one checkpoint: <workdir>/checkpoints/<step>
       return "checkpoint", path.parent, int(path.name)
-    for folder in (path, path / "checkpoints"):  # a checkpoints folder, or a training workdir
+    for folder in (path, checkpoint.checkpoints_dir(path)):  # a checkpoints folder, or a training workdir
       if checkpoint.checkpoint_steps(folder):
         return "checkpoint", folder, None
-    raise UserError(f"export.source {path}: no parameter export (params/ and {checkpoint.META_FILE}) and no "
-                    "training checkpoint there (give an export, a checkpoints folder or a training workdir)")
+    raise UserError(f"export.source {path}: no parameter export ({checkpoint.PARAMS}/ and {checkpoint.META_FILE}) "
+                    "and no training checkpoint there (give an export, a checkpoints folder or a training workdir)")
   if config.params:
     return "export", pathlib.Path(config.params).expanduser(), None
-  if workdir is not None and checkpoint.checkpoint_steps(workdir / "checkpoints"):
-    return "checkpoint", workdir / "checkpoints", None
-  where = f"no training checkpoint under {workdir / 'checkpoints'}" if workdir is not None else "no --workdir"
+  folder = checkpoint.checkpoints_dir(workdir) if workdir is not None else None
+  if folder is not None and checkpoint.checkpoint_steps(folder):
+    return "checkpoint", folder, None
+  where = f"no training checkpoint under {folder}" if folder is not None else "no --workdir"
   raise UserError(f"nothing to export ({where}, no --config.params): set --config.export.source=<an export, a "
                   "checkpoints folder or a training workdir>, or --workdir of a training run")
 

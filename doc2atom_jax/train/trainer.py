@@ -3,7 +3,9 @@
 Only the compiler and router train; the frozen base weights are a sharded, non-donated argument of the
 jitted step. The data order is a pure function of (seed, global step) — `documents_for_step(step)` —
 so a resumed run sees exactly the batches an uninterrupted run would. SIGTERM finishes the current step,
-saves a checkpoint, waits for it and returns normally (exit status 0).
+saves a checkpoint, waits for it and returns normally (exit status 0). Each checkpoint gets its checksums once
+it has committed (checkpoint.py); a resume skips (and deletes) a checkpoint that is unreadable or differs from
+them.
 
 On P processes (`distributed`) each process builds its share of a step's documents; the shares are padded to
 shapes every process agrees on and assembled into one global batch, so the step, the checkpoints and the numbers
@@ -25,7 +27,7 @@ import tqdm
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from doc2atom_jax import distributed, fileio, parallel, paths, preemption
+from doc2atom_jax import checkpoint, distributed, fileio, parallel, paths, preemption
 from doc2atom_jax.data import prompts
 from doc2atom_jax.errors import UserError
 from doc2atom_jax.train import batch as batch_lib
@@ -86,14 +88,15 @@ def comparable_meta(run_meta: dict | None) -> dict | None:
   return out
 
 
-def _restore(manager, abstract, run_meta, allow_change, layout):
+def _restore(manager, directory, abstract, run_meta, allow_change, layout):
   """Latest readable checkpoint (falling back to older ones when the newest is damaged), or None."""
   for step in sorted(manager.all_steps(), reverse=True):
     try:
+      checkpoint.verify_step(directory, step)  # Orbax reads altered bytes without a word
       restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                 meta=ocp.args.JsonRestore()))
-    except Exception as e:  # a truncated or corrupt checkpoint: say so, drop it, try the previous one
-      print(f"checkpoint {step} unreadable ({type(e).__name__}: {str(e)[:200]}); deleting it, trying an older one")
+    except Exception as e:  # a truncated, corrupt or altered checkpoint: say so, drop it, try the previous one
+      print(f"checkpoint {step} unreadable ({checkpoint.one_line(e)}); deleting it, trying an older one")
       manager.delete(step)
       continue
     if comparable_meta(restored.meta.get("run")) != comparable_meta(run_meta) and not allow_change:
@@ -155,14 +158,15 @@ def train(system, documents_for_step, tcfg: TrainConfig, loss_cfg: step_lib.Loss
 
   # ---- Restore -------------------------------------------------------------------------------------------
   log_path = workdir / "metrics.jsonl"
+  directory = checkpoint.checkpoints_dir(workdir).absolute()
   distributed.barrier("checkpoint manager")  # Orbax's first barriers are collectives (see distributed.barrier)
   manager = ocp.CheckpointManager(
-      (workdir / "checkpoints").absolute(), item_names=("state", "meta"),
+      directory, item_names=checkpoint.ITEMS,
       options=ocp.CheckpointManagerOptions(max_to_keep=tcfg.keep_checkpoints, enable_async_checkpointing=True))
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_to_tree(params, opt_state, 0, mesh))
   main = distributed.is_main_process()
   layout = {"processes": jax.process_count(), "devices": jax.device_count(), "mesh": dict(mesh.shape)}
-  restored = _restore(manager, abstract, run_meta, tcfg.allow_config_change, layout)
+  restored = _restore(manager, directory, abstract, run_meta, tcfg.allow_config_change, layout)
   start = 0
   if restored is not None:
     nnx.replace_by_pure_dict(params, restored["params"])
@@ -175,10 +179,24 @@ def train(system, documents_for_step, tcfg: TrainConfig, loss_cfg: step_lib.Loss
         kept = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= start]
         fileio.atomic_write_text(path, "".join(l + "\n" for l in kept))
 
+  unverified = []  # the step saved in the background, its checksums not yet written
+
+  def write_checksums(wait: bool = True):
+    """The checksums of the step saved in the background, once it has committed (process 0's files, like the
+    logs); without `wait`, only if it has committed already."""
+    if not unverified or (not wait and manager.is_saving_in_progress()):
+      return
+    manager.wait_until_finished()
+    if main and (directory / str(unverified[0])).is_dir():
+      checkpoint.write_checksums(directory / str(unverified[0]))
+    unverified.clear()
+
   def save(step):
+    write_checksums()  # the previous save's (Orbax would wait for it here anyway)
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(_state_to_tree(params, opt_state, step, mesh)),
         meta=ocp.args.JsonSave({"run": run_meta, "step": step, "layout": layout})), force=True)
+    unverified.append(step)
 
   # ---- Loop ----------------------------------------------------------------------------------------------
   # Keyed by what the teacher's numbers depend on: model, compute dtype, and the rendered prompt template.
@@ -213,6 +231,7 @@ def train(system, documents_for_step, tcfg: TrainConfig, loss_cfg: step_lib.Loss
           if key != "step":
             events.add_scalar(f"train/{key}", value, step + 1)
       bar.set_postfix(loss=f"{metrics['loss']:.3f}", kd=f"{metrics['kd']:.3f}", top1=f"{metrics['route_top1']:.2f}")
+      write_checksums(wait=False)  # within a step of the commit: a kill in between leaves one unverified
       done = step + 1
       # read once, agreed by all processes: a signal arriving later is honoured after the next step
       stopping = distributed.any_process(sigterm.requested)
@@ -234,7 +253,7 @@ def train(system, documents_for_step, tcfg: TrainConfig, loss_cfg: step_lib.Loss
         bar.write("eval at step " + "  ".join(f"{k} {v:.3f}" if k != "step" else str(v) for k, v in result.items()))
   finally:
     events.close()
-    manager.wait_until_finished()
+    write_checksums()
     manager.close()
     sigterm.restore()
     bar.close()
