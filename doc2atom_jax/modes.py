@@ -240,11 +240,9 @@ def train(config, workdir: pathlib.Path | None):
     print(f"held-out evaluation ({len(heldout)} validation documents; kl: top-16 KL to the in-context teacher "
           "on the answer tokens, nll: of the gold answer, both nats/token, lower is better):\n"
           f"{quick.format_table(results)}\n\nlearning check:\n{quick.format_check(check)}")
-  if len(history) >= 4:  # batches differ step to step: compare the means of the first and last quarters
-    q = len(history) // 4
-    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)
-    print("  ".join(f"{key} {mean(history[:q], key):.3f} -> {mean(history[-q:], key):.3f}"
-                    for key in ("loss", "kd", "route", "route_top1")))
+  summary = trainer.summary_line(trainer.run_trajectory(workdir, history))  # the whole run's, resumes included
+  if summary:
+    print(summary)
   return history
 
 

@@ -5,7 +5,7 @@ jitted step. The data order is a pure function of (seed, global step) — `docum
 so a resumed run sees exactly the batches an uninterrupted run would. SIGTERM finishes the current step,
 saves a checkpoint, waits for it and returns normally (exit status 0). Each checkpoint gets its checksums once
 it has committed (checkpoint.py); a resume skips (and deletes) a checkpoint that is unreadable or differs from
-them.
+them, and drops the logged records past the step it resumes from, which run again.
 
 On P processes (`distributed`) each process builds its share of a step's documents; the shares are padded to
 shapes every process agrees on and assembled into one global batch, so the step, the checkpoints and the numbers
@@ -53,6 +53,49 @@ class TrainConfig:
   rules: tuple = parallel.DEFAULT_RULES  # logical axis -> mesh axes (parallel.rules_for(config.sharding...))
   allow_config_change: bool = False  # resume a workdir whose checkpoint came from another config
   eval_every: int = 0  # steps between held-out evaluations (`eval_fn`); 0 = none during training
+
+
+METRICS_FILE, EVAL_FILE = "metrics.jsonl", "eval.jsonl"  # in the workdir, one JSON record a line with its "step"
+
+
+def _read_records(path: pathlib.Path) -> list[tuple[str, dict]]:
+  """(line, record) of each record of a metrics file; a line cut short by a kill mid-write is skipped."""
+  if not path.exists():
+    return []
+  records = []
+  for line in path.read_text(encoding="utf-8").splitlines():
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(record, dict) and isinstance(record.get("step"), int):
+      records.append((line, record))
+  return records
+
+
+def _truncate_records(path: pathlib.Path, step: int) -> None:
+  """Drops the records past `step` (atomically): those steps run again and log again."""
+  if path.exists():
+    fileio.atomic_write_text(path, "".join(line + "\n" for line, r in _read_records(path) if r["step"] <= step))
+
+
+def run_trajectory(workdir, history: list[dict]) -> list[dict]:
+  """The whole run's step records: `history` (this process's, as `train` returns it) after the records that
+  earlier, interrupted processes of the run logged to metrics.jsonl before it (up to the checkpoint it resumed
+  from: `train` dropped the later ones; every step, with log_every=1 as mode=train logs). A process without the
+  file (only process 0 writes it) has its own."""
+  first = history[0]["step"] if history else float("inf")
+  return [r for _, r in _read_records(pathlib.Path(workdir) / METRICS_FILE) if r["step"] < first] + list(history)
+
+
+def summary_line(trajectory: list[dict]) -> str | None:
+  """Means of the first and the last quarter of the steps (batches differ step to step), or None under 4 steps."""
+  if len(trajectory) < 4:
+    return None
+  q = len(trajectory) // 4
+  mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)
+  return "  ".join(f"{key} {mean(trajectory[:q], key):.3f} -> {mean(trajectory[-q:], key):.3f}"
+                   for key in ("loss", "kd", "route", "route_top1"))
 
 
 class _NoEvents:
@@ -157,7 +200,7 @@ def train(system, documents_for_step, tcfg: TrainConfig, loss_cfg: step_lib.Loss
     return compiled[key](params, opt_state, base_weights, batch)
 
   # ---- Restore -------------------------------------------------------------------------------------------
-  log_path = workdir / "metrics.jsonl"
+  log_path, eval_path = workdir / METRICS_FILE, workdir / EVAL_FILE
   directory = checkpoint.checkpoints_dir(workdir).absolute()
   distributed.barrier("checkpoint manager")  # Orbax's first barriers are collectives (see distributed.barrier)
   manager = ocp.CheckpointManager(
@@ -174,10 +217,9 @@ def train(system, documents_for_step, tcfg: TrainConfig, loss_cfg: step_lib.Loss
     opt_state = jax.device_put(restored["opt_state"], o_sh)
     start = int(restored["step"])
     print(f"resumed from step {start}")
-    for path in (log_path, workdir / "eval.jsonl"):  # steps after the checkpoint run again: drop their records
-      if main and path.exists():
-        kept = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= start]
-        fileio.atomic_write_text(path, "".join(l + "\n" for l in kept))
+  if main:  # steps after the checkpoint (every step, without one) run again: drop their records
+    for path in (log_path, eval_path):
+      _truncate_records(path, start)
 
   unverified = []  # the step saved in the background, its checksums not yet written
 
@@ -245,7 +287,7 @@ def train(system, documents_for_step, tcfg: TrainConfig, loss_cfg: step_lib.Loss
         result = {"step": done, **{k: float(v) for k, v in eval_fn(compiler, router).items()}}
         if not main:  # every process evaluated (the same numbers); process 0 writes them
           continue
-        with open(workdir / "eval.jsonl", "a", encoding="utf-8") as f:
+        with open(eval_path, "a", encoding="utf-8") as f:
           f.write(json.dumps(result) + "\n")
         for key, value in result.items():
           if key != "step":
