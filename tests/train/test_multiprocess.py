@@ -156,6 +156,12 @@ def test_two_processes_train_like_one(runs):
   assert "exported the trained compiler and router" in first and "exported" not in second
   meta = json.loads(next((root / "b" / "checkpoints" / "3" / "meta").glob("*")).read_text())
   assert meta["layout"] == {"processes": 2, "devices": 8, "mesh": {"data": 8, "fsdp": 1, "tensor": 1}}
+  # Process 0 wrote the checksums of what both processes saved, once the save had committed; resumes verified them.
+  from doc2atom_jax import checkpoint
+
+  for step in checkpoint.checkpoint_steps(root / "b" / "checkpoints"):
+    assert checkpoint.verify_checksums(root / "b" / "checkpoints" / str(step))
+  assert not any("checksums.json" in log for name in "cd" for log in runs["logs"][name])
 
 
 def test_checkpoint_of_two_processes_resumes_on_one(runs):
