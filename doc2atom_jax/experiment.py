@@ -80,7 +80,14 @@ def main_command(python: str, config_arg: str, workdir: pathlib.Path, *flags: st
 
 def finished(workdir: pathlib.Path) -> bool:
   """A training run is finished when it wrote its results and its export (the last things it writes)."""
-  return (workdir / "results.json").exists() and (workdir / "export").is_dir()
+  return (workdir / "results.json").exists() and export_of(workdir).is_dir()
+
+
+def export_of(workdir: pathlib.Path) -> pathlib.Path:
+  """A training run's export folder (the layout's names are checkpoint.py's)."""
+  from doc2atom_jax import checkpoint  # pylint: disable=import-outside-toplevel  (jax + Orbax: only when asked)
+
+  return checkpoint.export_dir(workdir)
 
 
 def config_arg(method: str) -> str:
@@ -107,7 +114,7 @@ def final_commands(root: pathlib.Path, python: str, chosen: dict[str, float | No
 
 
 def eval_commands(root: pathlib.Path, python: str) -> list[tuple[pathlib.Path, list[str]]]:
-  export = lambda m: final_dir(root, m) / "export"
+  export = lambda m: export_of(final_dir(root, m))
   base = lambda out, *flags: (root / "eval" / out, main_command(
       python, CONFIG, root / "eval" / out, "--config.mode=eval", f"--config.params={export('doc2atom')}", *flags))
   return [
