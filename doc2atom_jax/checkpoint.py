@@ -14,10 +14,13 @@ a mismatch makes an export a UserError naming the file, and a training checkpoin
 one; one without checksums.json (an older version's) loads unverified, with a note.
 """
 
+import contextlib
+import gc
 import hashlib
 import json
 import pathlib
 import re
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +70,38 @@ def one_line(e: BaseException, limit: int = 200) -> str:
   text = re.sub(r' in OCDBT database at local file "[^"]*"', "", text)
   text = f"{type(e).__name__}: {text}" if text else type(e).__name__
   return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _orbax_read_noise(unraisable) -> bool:
+  """Whether an unraisable exception is a dropped concurrent read of Orbax's (its traceback runs through it)."""
+  tb = unraisable.exc_traceback
+  while tb is not None:
+    if "orbax" in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  return False
+
+
+@contextlib.contextmanager
+def quiet_failed_reads():
+  """Around an Orbax restore. It reads an array's chunks concurrently; when one read fails, the others'
+  coroutines are dropped with their own errors, and Python prints each of them ("Exception ignored in:
+  <coroutine ...>", a traceback and pages of TensorStore spec) whenever they are collected — sometimes after
+  the one-line error was printed. The first error is the one reported; after a failure, the rest are
+  filtered out for the rest of the process (nothing else is hidden)."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not _orbax_read_noise(unraisable):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+  try:
+    yield
+  except BaseException:
+    gc.collect()  # finalize the dropped reads now, while they are filtered; the hook stays for stragglers
+    raise
+  sys.unraisablehook = previous
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -169,7 +204,8 @@ def load_params(modules, path) -> dict:
   state = nnx.state(modules, nnx.Param)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(state))
   try:
-    restored = ocp.StandardCheckpointer().restore(path / PARAMS, abstract)
+    with quiet_failed_reads():
+      restored = ocp.StandardCheckpointer().restore(path / PARAMS, abstract)
   except (ValueError, KeyError) as e:
     raise UserError(f"the export at {path} does not fit this compiler/router configuration: "
                     f"{' '.join(str(e).split())[:300]}") from None
@@ -238,7 +274,8 @@ def load_checkpoint_params(modules, directory, step: int | None = None) -> dict:
     for s in reversed(steps):
       try:
         verify_step(directory, s)
-        restored = manager.restore(s, args=args)
+        with quiet_failed_reads():
+          restored = manager.restore(s, args=args)
         break
       except Exception as e:  # Orbax raises several types for damaged files and for shapes that do not fit
         if s == steps[0]:

@@ -136,8 +136,9 @@ def _restore(manager, directory, abstract, run_meta, allow_change, layout):
   for step in sorted(manager.all_steps(), reverse=True):
     try:
       checkpoint.verify_step(directory, step)  # Orbax reads altered bytes without a word
-      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                                meta=ocp.args.JsonRestore()))
+      with checkpoint.quiet_failed_reads():
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                  meta=ocp.args.JsonRestore()))
     except Exception as e:  # a truncated, corrupt or altered checkpoint: say so, drop it, try the previous one
       print(f"checkpoint {step} unreadable ({checkpoint.one_line(e)}); deleting it, trying an older one")
       manager.delete(step)
