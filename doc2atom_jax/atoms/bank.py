@@ -32,7 +32,8 @@ misreading int8 codes or bfloat16 key bits. Codes and keys load as float32 whate
 atomically (temp + fsync + rename), fsyncs the directory, then replaces the manifest atomically: a crash in
 between leaves orphan shards, which `load` never reads (it reads only what the manifest lists) and the
 next append deletes. So a kill at any moment leaves a loadable bank of whole documents (mode=compile resumes
-from it, `stored_texts`); a `create` killed before its manifest leaves a folder `create` accepts again. `load` checks every listed shard's size and sha256, and the manifest's own checksum,
+from it, `stored_texts`); a `create` killed before its manifest leaves a folder `create` accepts again.
+`load` checks every listed shard's size and sha256, and the manifest's own checksum,
 so truncated or bit-flipped files are a `UserError` naming the file, never silently wrong numbers.
 """
 
@@ -240,7 +241,7 @@ def stored_texts(path) -> dict[str, str]:
     file = path / entry["shard"]
     data = _verified_bytes(file, entry)
     try:
-      texts[entry["doc_id"]] = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])["__metadata__"]["text"]
+      texts[entry["doc_id"]] = _shard_metadata(data)["text"]
     except (ValueError, KeyError, TypeError) as e:  # sha256 matched: only a hand-made file gets here
       raise UserError(f"{file} is not a valid atom bank shard ({type(e).__name__}: {e})") from None
   return texts
@@ -474,8 +475,7 @@ def _read_shard(path: pathlib.Path, entry: dict, manifest: dict) -> tuple[BankDo
   data = _verified_bytes(file, entry)
   try:
     tensors = safetensors.numpy.load(data)
-    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
-    meta = header["__metadata__"]
+    meta = _shard_metadata(data)
     atoms = tuple(atomize.Atom(doc_id=entry["doc_id"], text=meta["text"][a["char_start"]:a["char_end"]], **a)
                   for a in json.loads(meta["atoms"]))
     code_dtype, key_dtype = meta["code_dtype"], meta.get("key_dtype", "float32")  # version 1: no key_dtype
@@ -489,6 +489,11 @@ def _read_shard(path: pathlib.Path, entry: dict, manifest: dict) -> tuple[BankDo
   if doc.doc_id != entry["doc_id"] or doc.codes.shape != expected or len(atoms) != len(types):
     raise UserError(f"{file} does not match {path / MANIFEST} (document {doc.doc_id!r}, codes {doc.codes.shape})")
   return doc, types
+
+
+def _shard_metadata(data: bytes) -> dict:
+  """A safetensors shard's string metadata, from its JSON header alone (no tensor decoded)."""
+  return json.loads(data[8:8 + int.from_bytes(data[:8], "little")])["__metadata__"]
 
 
 def _verified_bytes(file: pathlib.Path, entry: dict) -> bytes:
