@@ -40,6 +40,7 @@ SWEEP_STEPS = 50
 SWEEP_FACTS = "(4, 8)"  # the first curriculum stage
 TIE = 0.01  # nats: held-out KLs closer than this count as equal; the smaller learning rate wins
 STAGES = ("params", "sweep", "final", "eval", "report")
+USAGE = f"python -m doc2atom_jax.experiment {{{','.join((*STAGES, 'all'))}}} [--root=DIR] [--dry-run] [--out=DIR]"
 
 
 def sweep_dir(root: pathlib.Path, method: str, lr: float) -> pathlib.Path:
@@ -171,8 +172,7 @@ def run_stages(stage: str, root: pathlib.Path, *, dry_run: bool = False, out: pa
   """One stage (or `all`, the five in order) under `root`; `out` is the report's folder (default
   <root>/report)."""
   if stage not in (*STAGES, "all"):
-    raise UserError(f"unknown stage {stage!r}: python -m doc2atom_jax.experiment {{{','.join((*STAGES, 'all'))}}} "
-                    "[--root=DIR] [--dry-run] [--out=DIR]")
+    raise UserError(f"unknown stage {stage!r}: {USAGE}")
   root, python = pathlib.Path(root), sys.executable
   log = lambda msg: print(msg, flush=True)
   stages = STAGES if stage == "all" else (stage,)
@@ -204,10 +204,9 @@ def run_stages(stage: str, root: pathlib.Path, *, dry_run: bool = False, out: pa
 def main(args) -> None:
   """`python -m doc2atom_jax.experiment STAGE [--root=DIR] [--dry-run] [--out=DIR]`."""
   if not args:
-    raise UserError(f"name a stage: python -m doc2atom_jax.experiment {{{','.join((*STAGES, 'all'))}}} "
-                    "[--root=DIR] [--dry-run] [--out=DIR]")
+    raise UserError(f"name a stage: {USAGE}")
   run_stages(args[0], pathlib.Path(_ROOT.value), dry_run=_DRY_RUN.value, out=_OUT.value)
 
 
 if __name__ == "__main__":
-  cli.run(main, positional=("STAGE",), usage="python -m doc2atom_jax.experiment STAGE [--dry-run] [--out=DIR]")
+  cli.run(main, positional=("STAGE",), usage=USAGE)
