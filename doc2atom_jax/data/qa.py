@@ -47,6 +47,7 @@ class QAExample:
   answers: tuple[str, ...]
   evidence: tuple[int, ...] | None = None  # gold evidence atom indices, when the source has them
   kind: str | None = None  # question type, when the source has one (e.g. "single", "two_hop", "out_of_scope")
+  answer_prefix: str = ""  # the start of the answer, prefilled in the assistant turn ("" = none)
 
   @property
   def answerable(self) -> bool:

@@ -14,6 +14,7 @@ class TrainQuestion:
   answer: str
   evidence: tuple[int, ...] | None = None  # atom indices; None = unlabelled
   out_of_scope: bool = False
+  answer_prefix: str = ""  # the start of the assistant turn, prefilled for every method; the target follows it
 
 
 @dataclasses.dataclass(frozen=True)
