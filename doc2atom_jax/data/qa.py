@@ -3,7 +3,8 @@
 `load_source(name)` names a source:
   * `local:<path.jsonl>`: a JSONL file in the project schema (one example per line):
     `{"id", "dataset", "doc_id", "context", "question", "answers": [...]}`, plus optional `evidence` (atom
-    indices) and `kind` (question type), which the synthetic corpus writes. Unanswerable: `answers: []`
+    indices) and `kind` (question type), which the synthetic corpus writes, and `answer_prefix` (the start of
+    the answer, prefilled in the assistant turn; DESIGN §2.7). Unanswerable: `answers: []`
     (or only refusals, like the synthetic "unknown"; see `answers.is_unanswerable`).
   * a bundled development sample by dataset name (BUNDLED): `<name>.<split>.jsonl` in the shared QA folder
     (`$DOC2ATOM_QA_DIR`, else the first `shared/data/qa` found walking up from this package).
@@ -113,6 +114,15 @@ def _kind_field(obj: Mapping) -> str | None:
   return value
 
 
+def _answer_prefix_field(obj: Mapping) -> str:
+  value = obj.get("answer_prefix")
+  if value is None:
+    return ""
+  if not isinstance(value, str):
+    raise _BadField("answer_prefix", f"must be a string or null (got {_describe(value)})")
+  return value
+
+
 def _describe(value: Any) -> str:
   text = json.dumps(value, ensure_ascii=False) if isinstance(value, (str, list, dict)) else repr(value)
   return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
@@ -123,7 +133,8 @@ def _parse_record(obj: Any) -> QAExample:
   if not isinstance(obj, dict):
     raise _BadField(None, f"expected a JSON object, got {type(obj).__name__}")
   text = {name: _text_field(obj, name) for name in _TEXT_FIELDS}
-  return QAExample(**text, answers=_answers_field(obj), evidence=_evidence_field(obj), kind=_kind_field(obj))
+  return QAExample(**text, answers=_answers_field(obj), evidence=_evidence_field(obj), kind=_kind_field(obj),
+                   answer_prefix=_answer_prefix_field(obj))
 
 
 def _parse_line(line: str) -> QAExample:

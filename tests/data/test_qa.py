@@ -1,6 +1,7 @@
 """QA readers: the bundled samples (read in place), JSONL errors, source names, grouping, remote failures
 without a network, and the self-generated QA reader on constructed records."""
 
+import dataclasses
 import json
 import logging
 import sys
@@ -101,9 +102,9 @@ def test_unknown_source_lists_valid_names():
 
 def test_local_source_reads_jsonl_with_optional_fields(tmp_path):
   path = _write_lines(tmp_path / "toy.jsonl", [
-      json.dumps(_record(0, evidence=[2, 0], kind="two_hop")),
+      json.dumps(_record(0, evidence=[2, 0], kind="two_hop", answer_prefix="Zorvan was founded in")),
       "",
-      json.dumps(_record(1, answers=[], evidence=None, kind="oos")),
+      json.dumps(_record(1, answers=[], evidence=None, kind="oos", answer_prefix=None)),
       json.dumps(_record(2)),
       json.dumps(_record(3, answers=["unknown"], evidence=[], kind="out_of_scope", atom_spans=[[0, 5]])),
   ])
@@ -114,6 +115,7 @@ def test_local_source_reads_jsonl_with_optional_fields(tmp_path):
   assert examples[1].answers == () and not examples[1].answerable and examples[1].kind == "oos"
   assert examples[2].evidence is None and examples[2].kind is None
   assert examples[0].answers == ("1900",)
+  assert [e.answer_prefix for e in examples] == ["Zorvan was founded in", "", "", ""]  # absent or null: none
   with pytest.raises(UserError, match="one split"):
     qa.load_source(f"local:{path}", split="dev")
 
@@ -130,6 +132,7 @@ def test_local_source_reads_jsonl_with_optional_fields(tmp_path):
     (json.dumps(_record(9, evidence=[1, "2"])), "evidence"),
     (json.dumps(_record(9, evidence=[True])), "evidence"),
     (json.dumps(_record(9, kind=3)), "kind"),
+    (json.dumps(_record(9, answer_prefix=["Zorvan was founded in"])), "answer_prefix"),
 ])
 def test_malformed_line_names_file_line_and_field(tmp_path, bad_line, field):
   path = _write_lines(tmp_path / "bad.jsonl", [json.dumps(_record(0)), "", bad_line, json.dumps(_record(1))])
@@ -192,6 +195,8 @@ def test_group_by_document_splits_a_doc_id_with_several_contexts():
       "art#ctx0": ["q0", "q2"], "art#ctx1": ["q1"], "solo": ["q3"]}
   for doc_id, group in groups.items():
     assert {e.doc_id for e in group} == {doc_id} and len({e.context for e in group}) == 1
+  prefixed = qa.group_by_document([dataclasses.replace(examples[1], answer_prefix="Para two says"), examples[0]])
+  assert prefixed["art#ctx0"][0].answer_prefix == "Para two says"  # renamed examples keep their prefix
 
 
 def test_group_by_document_on_real_samples_gives_one_context_per_document():
