@@ -7,7 +7,15 @@ sentence is one atom (`SyntheticDocument.atomized`), so gold evidence indices ar
 
 Questions per document: single-fact (answer = the fact's value), two-hop (a relation fact names an entity,
 a second fact about that entity holds the answer: "In which year was the founder of the Tarnow Institute
-born?"), and out-of-scope (an entity or attribute the document does not have; answer "unknown").
+born?"), and out-of-scope (an entity or attribute the document does not have; answer "unknown"). Each
+carries an answer prefix (DESIGN §2.7), the start of the answer in the words a document would use: the stem of
+the fact's statement template up to its value ("Sunrenith was first settled in" + " 1643"); for two-hop with
+the via phrase as subject ("The founder of the Tarnow Institute was born in"), and for out-of-scope in the
+same forms, so the prefix does not tell that the question cannot be answered.
+
+Held-out templates (TEMPLATES): every attribute also has statement templates, question phrasings and via
+phrases in other sentence shapes that only `templates="unseen"` uses, to evaluate documents and questions
+written unlike any the training split ("seen", the default) contains.
 
 Reproducibility: document i of a split is a pure function of (split, index, seed, arguments), drawn from
 its own RNG (`numpy.random.SeedSequence(seed, spawn_key=(split, index))`), so a trainer can build any
@@ -34,6 +42,7 @@ from doc2atom_jax.errors import UserError
 
 SPLITS = ("train", "validation", "test")
 KINDS = ("single", "two_hop", "out_of_scope")
+TEMPLATES = ("seen", "unseen")  # the statement/question forms a document uses: training's, or the held-out ones
 UNKNOWN = "unknown"
 NUM_PARAPHRASES = 3  # question phrasings per attribute: paraphrase indices 0, 1, 2
 DATASET = "synthetic"
@@ -48,6 +57,7 @@ class Fact:
   subject: str
   attribute: str
   value: str
+  template: str = ""  # the statement template it was rendered with (answer prefixes reuse its stem)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +72,7 @@ class Question:
   paraphrase: int
   subject: str = ""  # the entity asked about (for two-hop, the one the question names)
   attribute: str = ""  # for two-hop "relation>attribute", e.g. "founder>birth_year"
+  answer_prefix: str = ""  # the start of the answer, prefilled in the assistant turn: "Sunrenith was first settled in"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +97,7 @@ class SyntheticDocument:
     return [{"id": q.qid, "dataset": DATASET, "doc_id": self.doc_id, "context": self.text,
              "question": q.question, "answers": [q.answer], "kind": q.kind, "evidence": list(q.evidence),
              "evidence_types": list(q.evidence_types), "paraphrase": q.paraphrase, "split": self.split,
-             "atom_spans": spans, "atom_types": types} for q in self.questions]
+             "answer_prefix": q.answer_prefix, "atom_spans": spans, "atom_types": types} for q in self.questions]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -206,128 +217,224 @@ class _Attribute:
   `via` describes the value in terms of the subject ("the founder of {s}") for two-hop questions; only
   entity-valued attributes have it. `{a_v}`/`{a_noun}` are the value/noun with "a"/"an"; `{noun}` is the
   subject's noun; `{spouse}` is "wife"/"husband".
+
+  The `unseen_*` forms are held out (TEMPLATES): only `document(..., templates="unseen")` uses them, so an
+  evaluation can ask about documents written in sentence shapes training never saw.
   """
   name: str
   type: str
   statements: tuple[str, ...]
   questions: tuple[str, ...]
   via: tuple[str, ...] = ()
+  unseen_statements: tuple[str, ...] = ()
+  unseen_questions: tuple[str, ...] = ()  # NUM_PARAPHRASES of them: paraphrase p asks the p-th
+  unseen_via: tuple[str, ...] = ()
+
+  def forms(self, templates: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """(statements, questions, via) of the seen or the held-out forms."""
+    if templates == "unseen":
+      return self.unseen_statements, self.unseen_questions, self.unseen_via
+    return self.statements, self.questions, self.via
 
 
-def _attr(name, type_, statements, questions, via=()) -> _Attribute:
-  return _Attribute(name, type_, tuple(statements), tuple(questions), tuple(via))
+def _attr(name, type_, statements, questions, via=(), unseen=((), ())) -> _Attribute:
+  """`unseen`: (statements, questions) held out, plus the held-out via phrases where `via` is given."""
+  unseen_statements, unseen_questions, unseen_via = (*unseen, ())[:3]
+  return _Attribute(name, type_, tuple(statements), tuple(questions), tuple(via), tuple(unseen_statements),
+                    tuple(unseen_questions), tuple(unseen_via))
 
 
 SCHEMA: dict[str, tuple[_Attribute, ...]] = {
     "person": (
         _attr("birth_year", "temporal",
               ["{s} was born in {v}.", "{s} was born in the year {v}.", "{s}'s year of birth is {v}."],
-              ["In which year was {x} born?", "When was {x} born?", "What is the birth year of {x}?"]),
+              ["In which year was {x} born?", "When was {x} born?", "What is the birth year of {x}?"],
+              unseen=(["Records show that {s} was born in {v}.", "The year {v} saw the birth of {s}."],
+                      ["Tell me the year {x} was born.", "Which year saw the birth of {x}?",
+                       "{x} was born in what year?"])),
         _attr("birthplace", "relation",
               ["{s} was born in {v}.", "{s} was born in the city of {v}.", "{s} was born in {v} and grew up there.",
                "{s} is a native of {v}."],
               ["Where was {x} born?", "In which city was {x} born?", "What is the birthplace of {x}?"],
-              ["the city where {s} was born", "the birthplace of {s}"]),
+              ["the city where {s} was born", "the birthplace of {s}"],
+              unseen=(["According to the records, {s} was born in {v}.", "{s} was born in {v} to a large family."],
+                      ["Name the city where {x} was born.", "{x} was born in which city?",
+                       "What city does {x} come from?"],
+                      ["the hometown of {s}"])),
         _attr("profession", "definition",
               ["{s} is {a_v}.", "{s} is {a_v} by profession.", "{s} is {a_v} by training.", "{s} works as {a_v}."],
-              ["What is the profession of {x}?", "What does {x} do for a living?", "What is {x} by profession?"]),
+              ["What is the profession of {x}?", "What does {x} do for a living?", "What is {x} by profession?"],
+              unseen=(["{s} is widely known as {a_v}.", "{s} is a trained {v}."],
+                      ["Name the profession of {x}.", "What job does {x} have?", "{x} works in which profession?"])),
         _attr("employer", "relation",
               ["{s} works for {v}.", "{s} is employed by {v}.", "{s} works at {v}."],
               ["Which organization does {x} work for?", "Who employs {x}?", "Where does {x} work?"],
-              ["the employer of {s}", "the organization that employs {s}"]),
+              ["the employer of {s}", "the organization that employs {s}"],
+              unseen=(["{s} currently works for {v}.", "{s} has worked at {v} for many years."],
+                      ["Name the employer of {x}.", "{x} works for which organization?",
+                       "For which organization does {x} work?"],
+                      ["the workplace of {s}"])),
         _attr("spouse", "relation",
               ["{s} is married to {v}.", "{s} is the {spouse} of {v}.", "{s} married {v}.", "{s} and {v} are married."],
               ["Who is {x} married to?", "Who is the spouse of {x}?", "To whom is {x} married?"],
-              ["the spouse of {s}"]),
+              ["the spouse of {s}"],
+              unseen=(["{s} is wed to {v}.", "{s} has been married to {v} for years."],
+                      ["Name the spouse of {x}.", "{x} is married to whom?", "Whom did {x} marry?"],
+                      ["the partner of {s}"])),
         _attr("mentor", "relation",
               ["{s} studied under {v}.", "{s} was a student of {v}.", "{v} mentored {s}."],
               ["Who was the mentor of {x}?", "Under whom did {x} study?", "Who taught {x}?"],
-              ["the mentor of {s}"]),
+              ["the mentor of {s}"],
+              unseen=(["{s} trained under {v}.", "{v} supervised {s} as a student."],
+                      ["Name the mentor of {x}.", "{x} studied under whom?", "Who trained {x}?"],
+                      ["the teacher of {s}"])),
         _attr("award", "event",
               ["{s} won {v}.", "{s} received {v}.", "{s} was awarded {v}."],
-              ["Which prize did {x} win?", "What award did {x} receive?", "Which prize was awarded to {x}?"]),
+              ["Which prize did {x} win?", "What award did {x} receive?", "Which prize was awarded to {x}?"],
+              unseen=(["{s} earned {v}.", "{v} was awarded to {s}."],
+                      ["Name the prize {x} won.", "{x} won which prize?", "Which honour did {x} earn?"])),
         _attr("language", "other",
               ["{s} speaks {v}.", "{s} speaks fluent {v}.", "{s}'s mother tongue is {v}."],
               ["Which language does {x} speak?", "What is the native language of {x}?",
-               "In which language is {x} fluent?"]),
+               "In which language is {x} fluent?"],
+              unseen=(["{s} grew up speaking {v}.", "At home, {s} speaks {v}."],
+                      ["Name the language {x} speaks.", "{x} speaks which language?",
+                       "What is the first language of {x}?"])),
         _attr("height", "quantity",
               ["{s} is {v} tall.", "{s} stands {v} tall.", "{s} has a height of {v}."],
-              ["How tall is {x}?", "What is the height of {x}?", "How tall does {x} stand?"]),
+              ["How tall is {x}?", "What is the height of {x}?", "How tall does {x} stand?"],
+              unseen=(["The height of {s} is {v}.", "{s} is {v} in height."],
+                      ["Tell me the height of {x}.", "{x} is how tall?", "What height does {x} stand at?"])),
     ),
     "org": (
         _attr("founder", "relation",
               ["{v} founded {s}.", "{s} was founded by {v}.", "{s} was established by {v}.",
                "The founder of {s} was {v}."],
               ["Who founded {x}?", "Who is the founder of {x}?", "By whom was {x} founded?"],
-              ["the founder of {s}"]),
+              ["the founder of {s}"],
+              unseen=(["{s} was set up by {v}.", "It was {v} who founded {s}."],
+                      ["Name the founder of {x}.", "{x} was founded by whom?", "Who set up {x}?"],
+                      ["the person who set up {s}"])),
         _attr("founded_year", "temporal",
               ["{s} was founded in {v}.", "{s} was established in {v}.", "{s} has existed since {v}."],
-              ["When was {x} founded?", "In which year was {x} established?", "What year was {x} founded in?"]),
+              ["When was {x} founded?", "In which year was {x} established?", "What year was {x} founded in?"],
+              unseen=(["{s} opened its doors in {v}.", "Since its founding in {v}, {s} has grown steadily."],
+                      ["Tell me the year {x} was founded.", "{x} was founded in what year?",
+                       "Since which year has {x} existed?"])),
         _attr("headquarters", "relation",
               ["{s} is headquartered in {v}.", "{s} is based in {v}.", "{s} is located in {v}.",
                "The headquarters of {s} are in {v}."],
               ["Where is {x} headquartered?", "In which city is {x} based?", "Where are the headquarters of {x}?"],
-              ["the city where {s} is headquartered", "the home city of {s}"]),
+              ["the city where {s} is headquartered", "the home city of {s}"],
+              unseen=(["{s} has its headquarters in {v}.", "{s} runs its business from {v}."],
+                      ["Name the city where {x} is headquartered.", "{x} is based in which city?",
+                       "Which city hosts the headquarters of {x}?"],
+                      ["the seat of {s}"])),
         _attr("employees", "quantity",
               ["{s} has {v} employees.", "{s} employs {v} people.", "{s} has a staff of {v}."],
               ["How many employees does {x} have?", "How many people does {x} employ?",
-               "How large is the staff of {x}?"]),
+               "How large is the staff of {x}?"],
+              unseen=(["{s} employs a staff of {v}.", "A total of {v} people work at {s}."],
+                      ["Tell me how many employees {x} has.", "{x} employs how many people?",
+                       "What is the headcount of {x}?"])),
         _attr("director", "relation",
               ["{v} directs {s}.", "{s} is led by {v}.", "{v} is the director of {s}."],
               ["Who directs {x}?", "Who is the director of {x}?", "Who leads {x}?"],
-              ["the director of {s}"]),
+              ["the director of {s}"],
+              unseen=(["{s} is headed by {v}.", "{v} heads {s}."],
+                      ["Name the director of {x}.", "{x} is directed by whom?", "Who is at the head of {x}?"],
+                      ["the head of {s}"])),
         _attr("field", "definition",
               ["{s} is {a_noun} devoted to {v}.", "{s} is {a_noun} specializing in {v}.",
                "{s} is one of the leading names in {v}."],
-              ["In which field is {x} active?", "What does {x} specialize in?", "What field does {x} work in?"]),
+              ["In which field is {x} active?", "What does {x} specialize in?", "What field does {x} work in?"],
+              unseen=(["{s} works mainly in {v}.", "{s} is known as a pioneer of {v}."],
+                      ["Name the field of {x}.", "{x} is active in which field?", "What is the main field of {x}?"])),
         _attr("event", "event",
               ["{s} hosted {v}.", "{s} organized {v}.", "{v} was held at {s}."],
-              ["Which event did {x} host?", "What event did {x} organize?", "Which event was held at {x}?"]),
+              ["Which event did {x} host?", "What event did {x} organize?", "Which event was held at {x}?"],
+              unseen=(["{s} staged {v}.", "{v} took place at {s}."],
+                      ["Name the event {x} hosted.", "{x} hosted which event?", "Which event took place at {x}?"])),
     ),
     "city": (
         _attr("country", "relation",
               ["{s} is located in {v}.", "{s} lies in {v}.", "{s} is situated in {v}."],
-              ["In which country is {x}?", "In which country is {x} located?", "Which country is {x} in?"]),
+              ["In which country is {x}?", "In which country is {x} located?", "Which country is {x} in?"],
+              unseen=(["{s} is part of {v}.", "{s} belongs to {v}."],
+                      ["Name the country {x} is in.", "{x} is in which country?",
+                       "To which country does {x} belong?"])),
         _attr("population", "quantity",
               ["{s} has a population of {v}.", "{s} has {v} inhabitants.", "{v} people live in {s}."],
               ["What is the population of {x}?", "How many people live in {x}?",
-               "How many inhabitants does {x} have?"]),
+               "How many inhabitants does {x} have?"],
+              unseen=(["The population of {s} is {v}.", "{s} is home to {v} people."],
+                      ["Tell me the population of {x}.", "{x} has how many inhabitants?",
+                       "How many residents does {x} have?"])),
         _attr("founded_year", "temporal",
               ["{s} was founded in {v}.", "{s} dates back to {v}.", "{s} was first settled in {v}."],
-              ["When was {x} founded?", "In which year was {x} founded?", "What year does {x} date back to?"]),
+              ["When was {x} founded?", "In which year was {x} founded?", "What year does {x} date back to?"],
+              unseen=(["{s} was established as a settlement in {v}.", "The first settlers arrived in {s} in {v}."],
+                      ["Tell me the year {x} was founded.", "{x} was founded in what year?",
+                       "In what year did settlers first arrive in {x}?"])),
         _attr("elevation", "quantity",
               ["{s} lies at an elevation of {v}.", "{s} sits {v} above sea level.", "{s} is {v} above sea level."],
               ["At what elevation does {x} lie?", "How high above sea level is {x}?",
-               "What is the elevation of {x}?"]),
+               "What is the elevation of {x}?"],
+              unseen=(["The elevation of {s} is {v}.", "{s} stands at {v} above sea level."],
+                      ["Tell me the elevation of {x}.", "{x} lies how high above sea level?",
+                       "How far above sea level does {x} stand?"])),
         _attr("river", "relation",
               ["{s} lies on {v}.", "{v} flows through {s}.", "{s} is situated on {v}."],
-              ["Which river flows through {x}?", "On which river does {x} lie?", "What river runs through {x}?"]),
+              ["Which river flows through {x}?", "On which river does {x} lie?", "What river runs through {x}?"],
+              unseen=(["{s} was built on the banks of {v}.", "{v} runs through {s}."],
+                      ["Name the river that flows through {x}.", "{x} lies on which river?",
+                       "Which river runs past {x}?"])),
         _attr("mayor", "relation",
               ["{v} is the mayor of {s}.", "{v} serves as the mayor of {s}.", "{s} is led by its mayor, {v}."],
               ["Who is the mayor of {x}?", "Who serves as mayor of {x}?", "Who leads {x} as its mayor?"],
-              ["the mayor of {s}"]),
+              ["the mayor of {s}"],
+              unseen=(["The office of mayor of {s} is held by {v}.", "{v} governs {s} as mayor."],
+                      ["Name the mayor of {x}.", "{x} is governed by which mayor?",
+                       "Who holds the office of mayor in {x}?"],
+                      ["the person who governs {s}"])),
     ),
     "artifact": (
         _attr("designer", "relation",
               ["{s} was designed by {v}.", "{v} designed {s}.", "{s} was invented by {v}."],
               ["Who designed {x}?", "Who is the designer of {x}?", "Who invented {x}?"],
-              ["the designer of {s}"]),
+              ["the designer of {s}"],
+              unseen=(["The design of {s} is the work of {v}.", "{v} created {s}."],
+                      ["Name the designer of {x}.", "{x} was designed by whom?", "Whose design is {x}?"],
+                      ["the creator of {s}"])),
         _attr("maker", "relation",
               ["{s} is produced by {v}.", "{v} manufactures {s}.", "{s} is built by {v}."],
               ["Which organization makes {x}?", "Who manufactures {x}?", "Who produces {x}?"],
-              ["the maker of {s}", "the manufacturer of {s}"]),
+              ["the maker of {s}", "the manufacturer of {s}"],
+              unseen=(["{s} is manufactured by {v}.", "{v} builds {s} in its own workshops."],
+                      ["Name the maker of {x}.", "{x} is produced by which organization?", "Which company builds {x}?"],
+                      ["the company that builds {s}"])),
         _attr("completed_year", "temporal",
               ["{s} was completed in {v}.", "{s} was finished in {v}.", "Work on {s} was completed in {v}."],
-              ["When was {x} completed?", "In which year was {x} finished?", "What year was {x} completed in?"]),
+              ["When was {x} completed?", "In which year was {x} finished?", "What year was {x} completed in?"],
+              unseen=(["Construction of {s} ended in {v}.", "{s} was ready for use in {v}."],
+                      ["Tell me the year {x} was completed.", "{x} was completed in what year?",
+                       "In what year was work on {x} finished?"])),
         _attr("weight", "quantity",
               ["{s} weighs {v}.", "{s} has a mass of {v}.", "{s} weighs exactly {v}."],
-              ["How much does {x} weigh?", "What is the weight of {x}?", "How heavy is {x}?"]),
+              ["How much does {x} weigh?", "What is the weight of {x}?", "How heavy is {x}?"],
+              unseen=(["The weight of {s} is {v}.", "{s} tips the scales at {v}."],
+                      ["Tell me the weight of {x}.", "{x} weighs how much?", "How many kilograms does {x} weigh?"])),
         _attr("length", "quantity",
               ["{s} is {v} long.", "{s} measures {v} in length.", "{s} has a length of {v}."],
-              ["How long is {x}?", "What is the length of {x}?", "How long does {x} measure?"]),
+              ["How long is {x}?", "What is the length of {x}?", "How long does {x} measure?"],
+              unseen=(["The length of {s} is {v}.", "{s} spans {v} from end to end."],
+                      ["Tell me the length of {x}.", "{x} is how long?", "What length does {x} measure?"])),
         _attr("category", "definition",
               ["{s} is {a_v}.", "{s} is {a_v} of unusual design.", "{s} is an early example of {a_v}."],
-              ["What kind of {noun} is {x}?", "What type of {noun} is {x}?", "Which kind of {noun} is {x}?"]),
+              ["What kind of {noun} is {x}?", "What type of {noun} is {x}?", "Which kind of {noun} is {x}?"],
+              unseen=(["{s} is best described as {a_v}.", "{s} counts as {a_v}."],
+                      ["Name the kind of {noun} {x} is.", "{x} is what kind of {noun}?",
+                       "Which sort of {noun} is {x}?"])),
     ),
 }
 SUBJECT_KINDS = tuple(SCHEMA)
@@ -627,7 +734,7 @@ class _Mentions:
     self.previous = [e.name for e in named]
 
 
-def _render(rng: np.random.Generator, world: _World, keys: Sequence[_Key]) -> list[Fact]:
+def _render(rng: np.random.Generator, world: _World, keys: Sequence[_Key], templates: str = "seen") -> list[Fact]:
   """One sentence per fact, a random phrasing each, a pronoun for the subject where unambiguous."""
   subjects = {e.name: e for e in world.entities}
   mentions = _Mentions()
@@ -635,15 +742,20 @@ def _render(rng: np.random.Generator, world: _World, keys: Sequence[_Key]) -> li
   for i, key in enumerate(keys):
     subject, value = subjects[key[0]], world.values[key]
     attr = _ATTRIBUTES[(subject.kind, key[1])]
-    template = _pick(rng, attr.statements)
+    template = _pick(rng, attr.forms(templates)[0])
     mention = subject.mention
     if template.startswith("{s} ") and rng.random() < _PRONOUN_RATE:
       mention = mentions.pronoun(subject) or mention
-    text = _fill(template, s=mention, v=value.mention, a_v=_indefinite(value.mention), noun=subject.noun,
-                 a_noun=_indefinite(subject.noun), spouse=_SPOUSE_WORDS.get(subject.gender, "spouse"))
+    text = _fill(template, s=mention, v=value.mention, a_v=_indefinite(value.mention), **_subject_fields(subject))
     mentions.sentence(_named_in_order(template, subject, value.entity))
-    facts.append(Fact(i, text, attr.type, subject.name, attr.name, value.answer))
+    facts.append(Fact(i, text, attr.type, subject.name, attr.name, value.answer, template))
   return facts
+
+
+def _subject_fields(subject: _Entity) -> dict[str, str]:
+  """The template fields that describe the subject besides its mention: `{noun}`, `{a_noun}`, `{spouse}`."""
+  return {"noun": subject.noun, "a_noun": _indefinite(subject.noun),
+          "spouse": _SPOUSE_WORDS.get(subject.gender, "spouse")}
 
 
 def _named_in_order(template: str, subject: _Entity, value: _Entity | None) -> list[_Entity]:
@@ -762,7 +874,7 @@ def _paraphrase_choices(paraphrase) -> tuple[int, ...]:
 
 
 def _questions(rng: np.random.Generator, doc_id: str, world: _World, facts: Sequence[Fact],
-               targets: Sequence[_Target], choices: tuple[int, ...]) -> tuple[Question, ...]:
+               targets: Sequence[_Target], choices: tuple[int, ...], templates: str = "seen") -> tuple[Question, ...]:
   """Phrases each target; the k-th question on one target takes the k-th allowed phrasing after a random one.
 
   One draw per target whatever `choices` is, so the targets (and their order) never depend on it; a
@@ -782,33 +894,90 @@ def _questions(rng: np.random.Generator, doc_id: str, world: _World, facts: Sequ
       continue
     asked.add((target, p))
     qid = f"{doc_id}/q{len(questions)}"
-    questions.append(_phrase(qid, target, p, facts, subjects, world))
+    questions.append(_phrase(qid, target, p, facts, subjects, world, templates))
   return tuple(questions)
 
 
 def _phrase(qid: str, target: _Target, p: int, facts: Sequence[Fact], subjects: dict[str, _Entity],
-            world: _World) -> Question:
-  """The question for one target in phrasing `p`, with its gold labels."""
+            world: _World, templates: str = "seen") -> Question:
+  """The question for one target in phrasing `p`, with its gold labels and answer prefix."""
   if target.kind == "out_of_scope":
     e = target.subject
-    text = _ask(e, target.attribute, e.mention, p)
-    return Question(qid, text, UNKNOWN, target.kind, (), (), p, e.name, target.attribute)
+    attr = _ATTRIBUTES[(e.kind, target.attribute)]
+    text = _ask(e, target.attribute, e.mention, p, templates)
+    usable = _usable_statements(attr, templates)
+    prefix = _answer_prefix(usable[p % len(usable)], e.mention, e, _unknown_value(target.attribute))
+    return Question(qid, text, UNKNOWN, target.kind, (), (), p, e.name, target.attribute, prefix)
   first, last = facts[target.evidence[0]], facts[target.evidence[-1]]
   types = tuple(facts[i].type for i in target.evidence)
   subject = subjects[first.subject]
   if target.kind == "single":
-    text = _ask(subject, first.attribute, subject.mention, p)
-    return Question(qid, text, first.value, target.kind, target.evidence, types, p, first.subject, first.attribute)
-  via = _ATTRIBUTES[(subject.kind, first.attribute)].via
+    text = _ask(subject, first.attribute, subject.mention, p, templates)
+    prefix = _fact_prefix(first, subject.mention, subjects, world, templates)
+    return Question(qid, text, first.value, target.kind, target.evidence, types, p, first.subject, first.attribute,
+                    prefix)
+  via = _ATTRIBUTES[(subject.kind, first.attribute)].forms(templates)[2]
   bridge = subjects[last.subject]
-  text = _ask(bridge, last.attribute, via[p % len(via)].format(s=subject.mention), p)
+  phrase = via[p % len(via)].format(s=subject.mention)
+  text = _ask(bridge, last.attribute, phrase, p, templates)
   return Question(qid, text, last.value, target.kind, target.evidence, types, p, first.subject,
-                  f"{first.attribute}>{last.attribute}")
+                  f"{first.attribute}>{last.attribute}", _fact_prefix(last, phrase, subjects, world, templates))
 
 
-def _ask(entity: _Entity, attribute: str, phrase: str, p: int) -> str:
-  """Question template `p` of `attribute` (of `entity`'s kind), asked about `phrase`."""
-  return _ATTRIBUTES[(entity.kind, attribute)].questions[p].format(x=phrase, noun=entity.noun)
+def _ask(entity: _Entity, attribute: str, phrase: str, p: int, templates: str = "seen") -> str:
+  """Question template `p` of `attribute` (of `entity`'s kind), asked about `phrase`, first letter capitalized."""
+  return _fill(_ATTRIBUTES[(entity.kind, attribute)].forms(templates)[1][p], x=phrase, noun=entity.noun)
+
+
+# Answer prefixes (DESIGN §2.7): the statement a document would use, up to the answer, so that the answer is
+# the natural continuation of the assistant turn ("Sunrenith was first settled in" + " 1643").
+
+_VALUE_FIELDS = ("{v}", "{a_v}")
+# Attributes whose every value is mentioned with "the" (prizes, events, rivers): an out-of-scope prefix keeps
+# the article too ("... won the" + " unknown"), so its wording matches the answerable ones'.
+_VALUE_ARTICLES = {"award": "the", "event": "the", "river": "the"}
+
+
+def _usable(template: str) -> bool:
+  """Whether a statement template can end an answer prefix: its value is the last thing before the final ".",
+  after a non-empty stem naming the subject (so generating after the prefix ends with the answer)."""
+  field = next((f for f in _VALUE_FIELDS if template.endswith(f + ".")), None)
+  if field is None:
+    return False
+  stem = template[:-len(field) - 1]
+  return bool(stem.strip()) and "{s}" in stem and not any(f in stem for f in _VALUE_FIELDS)
+
+
+def _usable_statements(attr: _Attribute, templates: str) -> tuple[str, ...]:
+  """The usable statements of `templates`' forms; the seen ones if none of those is usable."""
+  return tuple(filter(_usable, attr.forms(templates)[0])) or tuple(filter(_usable, attr.statements))
+
+
+def _fact_prefix(fact: Fact, phrase: str, subjects: dict[str, _Entity], world: _World, templates: str) -> str:
+  """The prefix answering `fact` about `phrase` (its subject, or a via phrase naming it): from the fact's own
+  template when usable (then it matches the document's sentence), else from the first usable one."""
+  subject = subjects[fact.subject]
+  attr = _ATTRIBUTES[(subject.kind, fact.attribute)]
+  template = fact.template if _usable(fact.template) else _usable_statements(attr, templates)[0]
+  return _answer_prefix(template, phrase, subject, world.values[(fact.subject, fact.attribute)])
+
+
+def _unknown_value(attribute: str) -> _Value:
+  """The value an out-of-scope prefix is written for: "unknown", with the article its attribute's values take."""
+  article = _VALUE_ARTICLES.get(attribute)
+  return _Value(UNKNOWN, f"{article} {UNKNOWN}" if article else UNKNOWN)
+
+
+def _answer_prefix(template: str, phrase: str, subject: _Entity, value: _Value) -> str:
+  """A usable `template` filled up to its answer, `{s}` = `phrase`, no trailing space.
+
+  The value's article stays in the prefix ("is an" + "architect", "works for the" + "Tarnow Institute"): the
+  answer is the bare value, and prefix + " " + answer reads as the document does.
+  """
+  field = next(f for f in _VALUE_FIELDS if template.endswith(f + "."))
+  mention = _indefinite(value.mention) if field == "{a_v}" else value.mention
+  lead = mention[:len(mention) - len(value.answer)] if mention.endswith(value.answer) else ""
+  return _fill(template[:-len(field) - 1] + lead, s=phrase, **_subject_fields(subject)).rstrip()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -817,26 +986,28 @@ def _ask(entity: _Entity, attribute: str, phrase: str, p: int) -> str:
 
 def document(split: str, index: int, *, seed: int = 0, facts_per_document: int | tuple[int, int] = (4, 8),
              questions_per_document: int = 8, two_hop_fraction: float = 0.25,
-             out_of_scope_fraction: float = 0.125, paraphrase=None) -> SyntheticDocument:
+             out_of_scope_fraction: float = 0.125, paraphrase=None, templates: str = "seen") -> SyntheticDocument:
   """Document `index` of `split`: a pure function of its arguments, built without the ones before it.
 
   `facts_per_document`: a count or an inclusive (low, high) range, at least 2. `paraphrase`: None (any
   question phrasing), an index in [0, NUM_PARAPHRASES), or a sequence of them; it changes only the
-  phrasing, never the text or which facts are asked.
+  phrasing, never the text or which facts are asked. `templates`: "seen" (training's forms) or "unseen"
+  (every statement, question and answer prefix in held-out forms; the same world, facts and targets, and
+  a doc_id ending in "-unseen" so caches keyed by id never mix the two texts).
   """
   lo, hi = _check_args(split, index, seed, facts_per_document, questions_per_document, two_hop_fraction,
-                       out_of_scope_fraction)
+                       out_of_scope_fraction, templates)
   choices = _paraphrase_choices(paraphrase)
   world_rng, render_rng, question_rng, paraphrase_rng = _streams(split, index, seed)
-  doc_id = f"{DATASET}-{split}-{seed}-{index}"
+  doc_id = f"{DATASET}-{split}-{seed}-{index}" + ("" if templates == "seen" else f"-{templates}")
   namer = _Namer(split)
   n_facts = int(world_rng.integers(lo, hi + 1))
   world = _build_world(world_rng, namer, n_facts)
-  facts = _render(render_rng, world, _select_facts(world_rng, world, n_facts))
+  facts = _render(render_rng, world, _select_facts(world_rng, world, n_facts), templates)
   text, spans = _layout(facts)
   targets = _targets(question_rng, namer, world, facts, questions_per_document, two_hop_fraction,
                      out_of_scope_fraction)
-  questions = _questions(paraphrase_rng, doc_id, world, facts, targets, choices)
+  questions = _questions(paraphrase_rng, doc_id, world, facts, targets, choices, templates)
   return SyntheticDocument(doc_id, f"world-{split}-{seed}-{index}", split, text, tuple(facts), spans, questions)
 
 
@@ -865,10 +1036,12 @@ def _streams(split: str, index: int, seed: int) -> list[np.random.Generator]:
 
 
 def _check_args(split, index, seed, facts_per_document, questions_per_document, two_hop_fraction,
-                out_of_scope_fraction) -> tuple[int, int]:
+                out_of_scope_fraction, templates="seen") -> tuple[int, int]:
   """Validates the arguments of `document`; returns the inclusive facts-per-document range."""
   if split not in SPLITS:
     raise UserError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+  if not isinstance(templates, str) or templates not in TEMPLATES:
+    raise UserError(f"unknown templates {templates!r}; valid: {', '.join(TEMPLATES)}")
   for name, x in (("index", index), ("seed", seed), ("questions_per_document", questions_per_document)):
     if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < 0:
       raise UserError(f"{name} must be a non-negative integer (got {x!r})")
