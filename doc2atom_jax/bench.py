@@ -287,7 +287,8 @@ def measure_train_step(system, config, s: dict, ceiling: dict, log) -> dict:
   doc = synthetic.document("train", 0, seed=config.seed, facts_per_document=tuple(config.data.facts_per_document),
                            questions_per_document=config.data.questions_per_document)
   questions = tuple(records.TrainQuestion(q.qid, q.question, q.answer, tuple(q.evidence) or None,
-                                       out_of_scope=q.kind == "out_of_scope") for q in doc.questions)
+                                       out_of_scope=q.kind == "out_of_scope", answer_prefix=q.answer_prefix)
+                    for q in doc.questions)
   batch = batch_lib.build(model, [records.TrainDocument(doc.atomized(model.tokenizer), questions)])
   batch = jax.tree.map(jnp.asarray, batch)
   graphdef, params = nnx.split((system.compiler, system.router))

@@ -152,13 +152,14 @@ def _evidence(question: Mapping, atoms: Sequence[atomize.Atom], given: bool) -> 
 
 
 def _question(question: Mapping, atoms: Sequence[atomize.Atom], given: bool) -> records_lib.TrainQuestion:
-  """The first reference is the target; out-of-scope from `kind`, else from having no real answer."""
+  """The first reference is the target; out-of-scope from `kind`, else from having no real answer. Records
+  prepared before answer prefixes existed have none ("")."""
   answers = list(question.get("answers") or [])
   kind = question.get("kind")
   out_of_scope = kind == "out_of_scope" if kind is not None else answers_lib.is_unanswerable(answers)
   answer = answers[0] if answers else synthetic.UNKNOWN
   return records_lib.TrainQuestion(question["id"], question["question"], answer, _evidence(question, atoms, given),
-                            out_of_scope=out_of_scope)
+                                   out_of_scope=out_of_scope, answer_prefix=question.get("answer_prefix") or "")
 
 
 def record_to_train_document(record: Mapping, tokenizer) -> records_lib.TrainDocument:

@@ -34,14 +34,17 @@ from doc2atom_jax.data import qa, synthetic
 from doc2atom_jax.errors import UserError
 
 FILE_FORMAT = "array_record"
-VERSION = "1.0.0"
+# 1.1.0: questions carry "answer_prefix" (DESIGN §2.7), so folders prepared before are prepared again, not read
+# without prefixes; records of 1.0.0 still decode (no prefix = "").
+VERSION = "1.1.0"
 
 
 def features() -> tfds.features.FeaturesDict:
   """One document: its text, the facts (= given atoms) as character spans, and its questions as JSON.
 
   `fact_spans` [n, 2] int32 [start, end) and `fact_types` [n]; n = 0 means "no given atoms" (the reader
-  atomizes). `questions` is a JSON list of {"id", "question", "answers", "kind", "evidence", ...}.
+  atomizes). `questions` is a JSON list of {"id", "question", "answers", "kind", "evidence", "answer_prefix",
+  ...} (inside JSON, a new question field needs no new feature; a record without "answer_prefix" has none).
   """
   text = tfds.features.Text()
   return tfds.features.FeaturesDict({
@@ -88,34 +91,41 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   questions_per_document: int = 8
   seed: int = 0
   paraphrase: tuple[int, ...] | None = None
+  templates: str = "seen"  # synthetic.TEMPLATES: "unseen" writes every split in the held-out forms
 
 
 def synthetic_config(*, train: int = 1000, validation: int = 100, test: int = 100,
                      facts_per_document: tuple[int, int] = (4, 8), questions_per_document: int = 8,
-                     seed: int = 0, paraphrase: Sequence[int] | None = None) -> SyntheticConfig:
+                     seed: int = 0, paraphrase: Sequence[int] | None = None,
+                     templates: str = "seen") -> SyntheticConfig:
   """A config named after its parameters: a prepared folder always holds what its name says."""
   lo, hi = facts_per_document
   documents = {"train": train, "validation": validation, "test": test}
   for split, n in documents.items():
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
       raise UserError(f"documents for split {split!r} must be a non-negative integer (got {n!r})")
+  if templates not in synthetic.TEMPLATES:
+    raise UserError(f"unknown templates {templates!r}; valid: {', '.join(synthetic.TEMPLATES)}")
   paraphrase = None if paraphrase is None else tuple(int(p) for p in paraphrase)
   name = (f"seed{seed}_facts{lo}-{hi}_q{questions_per_document}_docs{train}-{validation}-{test}"
-          + ("" if paraphrase is None else "_p" + "".join(map(str, paraphrase))))
+          + ("" if paraphrase is None else "_p" + "".join(map(str, paraphrase)))
+          + ("" if templates == "seen" else f"_{templates}"))
   return SyntheticConfig(name=name, version=VERSION, documents=documents, facts_per_document=(lo, hi),
-                         questions_per_document=questions_per_document, seed=seed, paraphrase=paraphrase)
+                         questions_per_document=questions_per_document, seed=seed, paraphrase=paraphrase,
+                         templates=templates)
 
 
 def document_kwargs(config: SyntheticConfig) -> dict:
   """The `synthetic.document` keyword arguments of a config (tests rebuild documents with them)."""
   return {"seed": config.seed, "facts_per_document": tuple(config.facts_per_document),
-          "questions_per_document": config.questions_per_document, "paraphrase": config.paraphrase}
+          "questions_per_document": config.questions_per_document, "paraphrase": config.paraphrase,
+          "templates": config.templates}
 
 
 def _synthetic_questions(doc: synthetic.SyntheticDocument) -> list[dict]:
   return [{"id": q.qid, "question": q.question, "answers": [q.answer], "kind": q.kind,
            "evidence": list(q.evidence), "evidence_types": list(q.evidence_types), "paraphrase": q.paraphrase,
-           "subject": q.subject, "attribute": q.attribute} for q in doc.questions]
+           "subject": q.subject, "attribute": q.attribute, "answer_prefix": q.answer_prefix} for q in doc.questions]
 
 
 def synthetic_example(doc: synthetic.SyntheticDocument, index: int) -> dict:
@@ -203,7 +213,8 @@ def given_atoms(path) -> dict[str, tuple[list, list]]:
 
 def _qa_questions(examples: Sequence[qa.QAExample]) -> list[dict]:
   return [{"id": ex.id, "question": ex.question, "answers": list(ex.answers), "kind": ex.kind,
-           "evidence": None if ex.evidence is None else list(ex.evidence)} for ex in examples]
+           "evidence": None if ex.evidence is None else list(ex.evidence), "answer_prefix": ex.answer_prefix}
+          for ex in examples]
 
 
 def local_qa_examples(path) -> Iterator[tuple[int, dict]]:

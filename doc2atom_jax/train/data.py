@@ -48,10 +48,12 @@ class SyntheticSource:
   paraphrases: tuple[int, ...] = (0, 1)  # phrasing 2 is kept for "seen facts, new paraphrase" evaluation
   process_index: int = 0  # documents_per_step is this process's share; the step's documents are
   process_count: int = 1  # (step · P + p) · D + j, as pipeline.document_indices orders them
+  templates: str = "seen"  # "unseen": the held-out statement/question forms, for evaluation only (synthetic.TEMPLATES)
 
   def document(self, index: int) -> synthetic.SyntheticDocument:
     return synthetic.document(self.split, index, seed=self.seed, facts_per_document=self.facts_per_document,
-                              questions_per_document=self.questions_per_document, paraphrase=self.paraphrases)
+                              questions_per_document=self.questions_per_document, paraphrase=self.paraphrases,
+                              templates=self.templates)
 
   def __call__(self, step: int, tokenizer) -> list[records.TrainDocument]:
     start = (step * self.process_count + self.process_index) * self.documents_per_step
@@ -60,7 +62,8 @@ class SyntheticSource:
 
 def to_train_document(doc: synthetic.SyntheticDocument, tokenizer) -> records.TrainDocument:
   questions = tuple(records.TrainQuestion(q.qid, q.question, q.answer, tuple(q.evidence) or None,
-                                       out_of_scope=q.kind == "out_of_scope") for q in doc.questions)
+                                          out_of_scope=q.kind == "out_of_scope", answer_prefix=q.answer_prefix)
+                    for q in doc.questions)
   return records.TrainDocument(doc.atomized(tokenizer), questions)
 
 

@@ -1,5 +1,6 @@
 """TFDS builders (array_record, no TensorFlow) and the grain pipeline whose order is a pure function of (seed, step)."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -68,6 +69,7 @@ def test_synthetic_records_equal_the_generator(synthetic_dir):
       assert core(record["questions"]) == [(q.qid, q.question, [q.answer], q.kind, list(q.evidence))
                                            for q in doc.questions]
       assert all(q["paraphrase"] in (0, 1) for q in record["questions"])
+      assert [q["answer_prefix"] for q in record["questions"]] == [q.answer_prefix for q in doc.questions]
 
 
 def test_builder_data_source_and_process_split(synthetic_dir, train_source):
@@ -208,8 +210,30 @@ def test_synthetic_records_convert_like_the_synthetic_source(train_source, token
   source = train_data.SyntheticSource(seed=5, facts_per_document=(2, 4), questions_per_document=3,
                                       paraphrases=(0, 1))
   assert converted == [train_data.to_train_document(source.document(r["index"]), tokenizer) for r in records]
+  assert all(q.answer_prefix for d in converted for q in d.questions)  # every synthetic question has one
   dataset = pipeline.train_dataset(train_source, seed=4, documents_per_step=2, tokenizer=tokenizer)
   assert dataset[1] == converted
+
+
+def test_records_without_answer_prefix_still_convert(train_source, tokenizer):
+  """Records prepared before answer prefixes existed (builder version 1.0.0) have none."""
+  record = train_source[0]
+  old = {**record, "questions": [{k: v for k, v in q.items() if k != "answer_prefix"} for q in record["questions"]]}
+  new_doc, = pipeline.records_to_train_documents([record], tokenizer)
+  old_doc, = pipeline.records_to_train_documents([old], tokenizer)
+  assert [q.answer_prefix for q in old_doc.questions] == [""] * len(record["questions"])
+  assert [dataclasses.replace(q, answer_prefix="") for q in new_doc.questions] == list(old_doc.questions)
+
+
+def test_synthetic_config_for_held_out_templates():
+  config = tb.synthetic_config(train=0, validation=2, test=0, templates="unseen")
+  assert config.name.endswith("_unseen") and "unseen" not in CONFIG.name
+  assert tb.document_kwargs(config)["templates"] == "unseen" and tb.document_kwargs(CONFIG)["templates"] == "seen"
+  doc = synthetic.document("validation", 1, **tb.document_kwargs(config))
+  assert doc.doc_id.endswith("-unseen")
+  assert tb.synthetic_example(doc, 1)["doc_id"] == doc.doc_id
+  with pytest.raises(UserError, match="templates"):
+    tb.synthetic_config(templates="held_out")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -234,6 +258,7 @@ def test_local_jsonl_of_synthetic_documents_keeps_atoms_and_evidence(tmp_path, s
     assert [record[k] for k in ("index", "doc_id", "text", "fact_spans", "fact_types")] == \
            [expected[k] for k in ("index", "doc_id", "text", "fact_spans", "fact_types")]
     assert core(record["questions"]) == core(expected["questions"])
+    assert [q["answer_prefix"] for q in record["questions"]] == [q["answer_prefix"] for q in expected["questions"]]
   assert pipeline.records_to_train_documents([source[0]], tokenizer) == \
          pipeline.records_to_train_documents([train_source[0]], tokenizer)
 
@@ -245,7 +270,8 @@ def test_local_jsonl_groups_documents_and_atomizes_unlabelled_text(tmp_path, tok
   b = "The Kell Bridge spans the Aure river. It opened in 1910."
   base = {"dataset": "mine", "doc_id": "page"}
   write_lines(manual / "mine.jsonl", [
-      {**base, "id": "q1", "context": a, "question": "Who founded the Orrin Guild?", "answers": ["Marta Lind"]},
+      {**base, "id": "q1", "context": a, "question": "Who founded the Orrin Guild?", "answers": ["Marta Lind"],
+       "answer_prefix": "The Orrin Guild was founded by"},
       {**base, "id": "q2", "context": b, "question": "When did the Kell Bridge open?", "answers": ["1910"]},
       {**base, "id": "q3", "context": a, "question": "Where did the guild move?", "answers": ["Vessa"],
        "evidence": [7]},  # no atom_spans: stored evidence points into an unknown atomization
@@ -259,6 +285,7 @@ def test_local_jsonl_groups_documents_and_atomizes_unlabelled_text(tmp_path, tok
   first, second = pipeline.records_to_train_documents([source[0], source[1]], tokenizer)
   assert len(first.doc.atoms) == 2 and first.doc.text == a
   assert [q.evidence for q in first.questions] == [(0,), (1,)]  # recomputed: the one atom with the answer
+  assert [q.answer_prefix for q in first.questions] == ["The Orrin Guild was founded by", ""]
   assert [(q.answer, q.out_of_scope, q.evidence) for q in second.questions] == [
       ("1910", False, (1,)), (synthetic.UNKNOWN, True, None)]
 
