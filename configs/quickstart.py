@@ -60,6 +60,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.generate.questions = ("Who founded the Orlen Observatory?", "In which year was the Orlen Observatory founded?",
                           "Above which town does the observatory stand?")
   c.generate.question = ""  # a single question; replaces `questions` when set
+  c.generate.answer_prefix = ""  # the start of the answer, prefilled for every question ("" = none); the answer
+  #                                is then what follows it, up to the end of the sentence
   c.generate.max_new_tokens = 24
   c.generate.temperature = 0.0  # 0 = greedy
   c.generate.top_p = 1.0
@@ -118,7 +120,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sharding.plan = "fsdp_tp"
   c.sharding.rules = ()  # overrides, e.g. (("atoms", ("data", "fsdp", "tensor")), ("mlp", None))
   c.loss = ml_collections.ConfigDict()
-  c.loss.kd, c.loss.ce, c.loss.route, c.loss.atom, c.loss.null = 1.0, 0.1, 1.0, 1.0, 1.0
+  c.loss.kd, c.loss.ce, c.loss.route, c.loss.atom, c.loss.null = 1.0, 1.0, 1.0, 1.0, 1.0
+  c.loss.kd_tokens = "right"  # distil the teacher only where its top-1 is the gold ("all": every token, v1)
+  c.loss.atom_target = "gold"  # the oracle-routed student learns the gold ("teacher": the evidence teacher, v1)
   c.loss.type, c.loss.l1, c.loss.orth = 0.1, 0.1, 0.01
   c.loss.vocab_chunk = 0  # >0: student log-probs over the vocabulary in chunks of this many ids (no [B, A, V] logits)
   c.data = ml_collections.ConfigDict()
@@ -176,6 +180,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.ask = ml_collections.ConfigDict()
   c.ask.bank = ""
   c.ask.question = ""
+  c.ask.answer_prefix = ""  # the start of the answer, prefilled ("The observatory was founded in"); "" = none
   c.ask.doc_id = ""  # d2l / d2l_atom compose one document's adapters: which one
   c.ask.max_new_tokens = 24
 

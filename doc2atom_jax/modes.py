@@ -35,7 +35,8 @@ def generate(config, workdir: pathlib.Path | None) -> list[dict]:
   start = time.perf_counter()
   answers = model.generate([prompts.in_context_prompt(document, q) for q in questions],
                            max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
-                           seed=config.seed, truncation=g.truncation)
+                           seed=config.seed, truncation=g.truncation,
+                           answer_prefixes=[g.get("answer_prefix", "")] * len(questions))
   seconds = time.perf_counter() - start
   records = [{"question": q, "answer": a.strip(), "model": model.name} for q, a in zip(questions, answers)]
   for r in records:
@@ -147,7 +148,8 @@ def ask(config, workdir: pathlib.Path | None) -> list[dict]:
   system = build_system(config)
   bank = bank_lib.load(config.ask.bank, fingerprint=system.fingerprint)
   results = system.answer(bank, [config.ask.question], doc_id=config.ask.doc_id or None,
-                          max_new_tokens=config.ask.max_new_tokens)
+                          max_new_tokens=config.ask.max_new_tokens,
+                          answer_prefixes=[config.ask.get("answer_prefix", "")])
   for r in results:
     print(f"Q: {r['question']}\nA: {r['answer']}" + ("  (abstained: the null atom ranked first)" if r["abstained"] else ""))
     _print_atoms(r["atoms"])

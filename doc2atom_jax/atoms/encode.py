@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from doc2atom_jax import shapes
+from doc2atom_jax.data import prompts
 from doc2atom_jax.models import decoder as decoder_lib
 
 LENGTH_BUCKET = 128
@@ -26,6 +27,26 @@ def layer_states(weights, cfg, tokens, mask, layers):
 
 
 layer_states_jit = jax.jit(layer_states, static_argnames=("cfg", "layers"))
+
+
+def question_ids(model, questions) -> tuple[list[list[int]], list[list[bool]]]:
+  """Each question alone in the chat template (`prompts.question_prompt`, no answer prefix): its token ids,
+  and which of them are the question's own (the router pools those only: in a 31-token prompt, 20-22 tokens
+  are the template's, the same for every question, and pooling them drowns the question — DESIGN §2.4).
+
+  Found from the tokenizer's character offsets in the rendered prompt, so any chat template and any token
+  boundary (a "?" merged with the next line break) is handled: a token that overlaps the question counts."""
+  seqs, own = [], []
+  for q in questions:
+    text = model.chat_prompt(prompts.question_prompt(q))
+    start = text.index(prompts.question_prompt(q))
+    end = start + len(q.strip())
+    enc = model.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    seqs.append(list(enc["input_ids"]))
+    own.append([a < end and b > start for a, b in enc["offset_mapping"]])
+    if not any(own[-1]):
+      raise ValueError(f"no token of the question {q!r} found in its prompt")
+  return seqs, own
 
 
 def padded_document(ids, context: int) -> tuple[np.ndarray, np.ndarray]:

@@ -109,17 +109,19 @@ class AtomSystem:
 
   # -- answer -------------------------------------------------------------------------------------------
   def question_states(self, questions: list[str]):
-    """Key-layer states of the questions alone in the chat template: ([B, T, d], mask [B, T])."""
-    seqs = [self.model.encode(self.model.chat_prompt(prompts.question_prompt(q))) for q in questions]
+    """Key-layer states of the questions alone in the chat template: ([B, T, d], the question's own tokens
+    [B, T], which the router pools; `encode.question_ids`)."""
+    seqs, own = encode.question_ids(self.model, questions)
     length = shapes.multiple(max(map(len, seqs)), QUESTION_BUCKET)
     tokens = np.zeros((len(seqs), length), np.int32)
     mask = np.zeros((len(seqs), length), bool)
-    for i, s in enumerate(seqs):
-      tokens[i, :len(s)], mask[i, :len(s)] = s, True
+    own_mask = np.zeros((len(seqs), length), bool)
+    for i, (s, o) in enumerate(zip(seqs, own)):
+      tokens[i, :len(s)], mask[i, :len(s)], own_mask[i, :len(s)] = s, True, o
     layer = self.cfg.layer_for_keys
     states = encode.layer_states_jit(self.model.weights, self.model.config, jnp.asarray(tokens),
                                      jnp.asarray(mask), layers=(layer,))
-    return self.compiler.standardize(states, (layer,))[0], jnp.asarray(mask)
+    return self.compiler.standardize(states, (layer,))[0], jnp.asarray(own_mask)
 
   def select(self, bank: bank_lib.AtomBank, questions: list[str], doc_id: str | None = None):
     """(indices [B, k'], weights [B, k'], abstain [B]) over the bank's rows.
@@ -140,8 +142,8 @@ class AtomSystem:
       return (np.broadcast_to(rows, (batch, len(rows))), np.ones((batch, len(rows)), np.float32),
               np.zeros(batch, bool))
     codes, keys, mask = bank.padded()
-    states, q_mask = self.question_states(questions)
-    indices, weights, abstain = _route(nnx.split(self.router), states, q_mask, jnp.asarray(keys), jnp.asarray(mask),
+    states, q_own = self.question_states(questions)
+    indices, weights, abstain = _route(nnx.split(self.router), states, q_own, jnp.asarray(keys), jnp.asarray(mask),
                                        self.compiler.null()[1], k=self.method.k, normalization=self.method.normalization,
                                        approximate=self.method.route_approx)
     return np.asarray(indices), np.asarray(weights), np.asarray(abstain)
@@ -154,12 +156,14 @@ class AtomSystem:
                                      targets=self.cfg.targets)
 
   def answer(self, bank: bank_lib.AtomBank, questions: list[str], *, doc_id: str | None = None,
-             max_new_tokens: int = 24, stop: bool = True) -> list[dict]:
+             max_new_tokens: int = 24, stop: bool = True, answer_prefixes=None) -> list[dict]:
     """Answers with the composed adapter, the atoms used (text spans, weights) and abstentions. stop=False
-    generates exactly `max_new_tokens` (the benchmark times this path, as a user's `ask` runs it)."""
+    generates exactly `max_new_tokens` (the benchmark times this path, as a user's `ask` runs it).
+    answer_prefixes: the start of each answer, prefilled (the router still reads the question alone)."""
     indices, weights, abstain = self.select(bank, questions, doc_id)
     answers = self.model.generate([prompts.question_prompt(q) for q in questions], max_new_tokens=max_new_tokens,
-                                  adapter=self.adapter(bank, indices, weights), stop=stop)
+                                  adapter=self.adapter(bank, indices, weights), stop=stop,
+                                  answer_prefixes=answer_prefixes)
     return [{"question": q, "answer": "unknown" if abst else a.strip(), "abstained": bool(abst),
              "model_answer": a.strip(), "atoms": atoms_used(bank, idx, w)}
             for q, a, idx, w, abst in zip(questions, answers, indices, weights, abstain)]
@@ -185,7 +189,7 @@ def _compile_atoms(split_compiler, states, idx, mask, types):
 
 
 @functools.partial(jax.jit, static_argnames=("k", "normalization", "approximate"))
-def _route(split_router, states, q_mask, keys, key_mask, null_key, *, k, normalization, approximate=False):
+def _route(split_router, states, q_own, keys, key_mask, null_key, *, k, normalization, approximate=False):
   router = nnx.merge(*split_router)
-  scores = router.scores(router.query(states, q_mask), keys, key_mask, null_key)
+  scores = router.scores(router.query(states, q_own), keys, key_mask, null_key)
   return router_lib.select(scores, k, normalization, approximate=approximate)

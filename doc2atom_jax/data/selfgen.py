@@ -157,11 +157,13 @@ def answer_document(model, examples: Sequence[qa.QAExample], max_new_tokens: int
   batch is padded by repeating its last prompt (rows are independent; the copies are dropped).
   """
   texts = [prompts.in_context_prompt(ex.context, ex.question) for ex in examples]
+  answer_prefixes = [ex.answer_prefix for ex in examples]  # the answer format every method is scored in
   answers = []
   for start in range(0, len(texts), batch_size):
-    batch = texts[start:start + batch_size]
-    size = _padded_size(len(batch), batch_size)
-    out = model.generate(batch + batch[-1:] * (size - len(batch)), max_new_tokens=max_new_tokens, temperature=0.0)
+    batch, batch_prefixes = texts[start:start + batch_size], answer_prefixes[start:start + batch_size]
+    pad = _padded_size(len(batch), batch_size) - len(batch)
+    out = model.generate(batch + batch[-1:] * pad, max_new_tokens=max_new_tokens, temperature=0.0,
+                         answer_prefixes=batch_prefixes + batch_prefixes[-1:] * pad)
     answers.extend(out[:len(batch)])
   return answers
 
@@ -186,6 +188,8 @@ def record(example: qa.QAExample, answer: str, model_name: str) -> dict:
     out["evidence"] = list(example.evidence)
   if example.kind is not None:
     out["kind"] = example.kind
+  if example.answer_prefix:
+    out["answer_prefix"] = example.answer_prefix
   if empty:
     out.update(empty=True, generated=answer)
   return out

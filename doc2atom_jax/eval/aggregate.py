@@ -32,7 +32,7 @@ from doc2atom_jax.eval.metrics import precision_at_k, recall_at_k  # noqa: F401 
 KINDS = ("single", "two_hop", "out_of_scope", "answerable", "unanswerable")
 UNANSWERABLE_KINDS = frozenset({"out_of_scope", "unanswerable"})
 WORLDS = ("seen", "unseen")
-METRICS = ("nll", "kl", "f1", "em", "rouge_l")  # over answerable questions
+METRICS = ("nll", "kl", "tf_em", "f1", "em", "rouge_l")  # over answerable questions
 LOWER_IS_BETTER = frozenset({"nll", "kl"})
 RATES = ("refusal", "false_refusal")  # over unanswerable / answerable questions
 GROUP_KEYS = ("method", "dataset", "kind", "world", "length", "facts")
@@ -60,8 +60,8 @@ def _int_tuple(value, name: str) -> tuple[int, ...] | None:
 class QuestionRecord:
   """One method's result on one question: what it said, the continuous scores, and the routing.
 
-  `nll`: teacher-forced gold-answer NLL per token; `kl`: top-K KL to the in-context teacher per token (None
-  where not measured). `routed`: atom indices the router chose, in rank order (None: no router). `evidence`:
+  `nll`: teacher-forced gold-answer NLL per token; `kl`: top-K KL to the in-context teacher per token; `tf_em`:
+  1.0 when every gold token is the model's argmax after the answer prefix (None where not measured). `routed`: atom indices the router chose, in rank order (None: no router). `evidence`:
   gold evidence atom indices (None: unlabelled). `abstained`: the method declined by itself (e.g. the
   router's null atom won), which counts as a refusal whatever `prediction` says.
   """
@@ -75,6 +75,7 @@ class QuestionRecord:
   references: tuple[str, ...]
   nll: float | None = None
   kl: float | None = None
+  tf_em: float | None = None  # teacher-forced exact match: 1.0 when greedy decoding after the prefix says the gold
   doc_tokens: int = 0
   facts: int | None = None
   world: str | None = None
@@ -99,7 +100,7 @@ class QuestionRecord:
       raise UserError(f"{where}: an answerable question needs at least one reference")
     object.__setattr__(self, "routed", _int_tuple(self.routed, f"{where}: routed"))
     object.__setattr__(self, "evidence", _int_tuple(self.evidence, f"{where}: evidence"))
-    for name in ("nll", "kl"):
+    for name in ("nll", "kl", "tf_em"):
       if getattr(self, name) is not None:
         object.__setattr__(self, name, float(getattr(self, name)))
 

@@ -51,11 +51,11 @@ def in_memory_bank(documents: list[bank_lib.BankDocument], code_dtype: str = "bf
 # Student logits at the answer positions, jitted once for every evaluator (quick, runner).
 answer_logits = jax.jit(step_lib.answer_logits, static_argnums=1)
 
-def pack_prompt_answers(model, user_turns, answers) -> dict:
-  """The packed numpy batch of chat prompt + gold answer rows: packed as the teacher packs them
-  (`teacher.pack_answers`), then padded to a `shapes.length_bucket`."""
-  packed = teacher_lib.pack_answers([model.encode(model.chat_prompt(p)) for p in user_turns],
-                                    [batch_lib.answer_tokens(model, a) for a in answers])
+def pack_prompt_answers(model, user_turns, answers, answer_prefixes=None) -> dict:
+  """The packed numpy batch of chat prompt + gold answer rows in the one answer format
+  (`BaseModel.prompt_answer_ids`): packed as the teacher packs them (`teacher.pack_answers`), then padded to a
+  `shapes.length_bucket`."""
+  packed = teacher_lib.pack_answers(*model.prompt_answer_ids(user_turns, answers, answer_prefixes))
   length = packed["s_tokens"].shape[1]
   target = max(length, min(shapes.length_bucket(length), model.config.max_position_embeddings))
   for name in ("s_tokens", "s_mask"):
@@ -63,22 +63,26 @@ def pack_prompt_answers(model, user_turns, answers) -> dict:
   return packed
 
 
-def prompt_answer_logits(model, user_turns, answers, adapter=None):
+def prompt_answer_logits(model, user_turns, answers, adapter=None, answer_prefixes=None):
   """(logits [B, A, V] at the answer positions, the packed numpy batch) for chat prompt + gold answer rows."""
-  packed = pack_prompt_answers(model, user_turns, answers)
+  packed = pack_prompt_answers(model, user_turns, answers, answer_prefixes)
   return answer_logits(model.weights, model.config, packed, adapter), packed
 
 
-def _teacher_nll(model, question_rows, doc_text):
-  """Gold-answer NLL with the document in the prompt, per question (one padded batch, one forward)."""
+def _teacher_scores(model, question_rows, doc_text):
+  """(gold-answer NLL, teacher-forced exact match) with the document in the prompt, per question (one padded
+  batch, one forward)."""
   logits, b = prompt_answer_logits(model, [prompts.in_context_prompt(doc_text, q.question) for q in question_rows],
-                                   [q.answer for q in question_rows])
-  return np.asarray(losses.answer_ce(logits, b["targets"], b["answer_mask"])).tolist()
+                                   [q.answer for q in question_rows],
+                                   answer_prefixes=[q.answer_prefix for q in question_rows])
+  return (np.asarray(losses.answer_ce(logits, b["targets"], b["answer_mask"])),
+          np.asarray(losses.greedy_match(logits, b["targets"], b["answer_mask"])))
 
 
 def evaluate(system, documents, *, max_new_tokens: int = 12, generate: bool = True, controls: bool = True,
              baselines: bool = True, progress: str | None = None) -> dict:
-  """Per method: mean nll, kl (to the in-context teacher), f1, em, refusal rates; plus routing top-1.
+  """Per method: mean nll, kl (to the in-context teacher), tf_em (teacher-forced exact match: greedy decoding
+  after the answer prefix would say the gold), f1, em, refusal rates; plus routing top-1.
 
   nll and kl are over answerable questions (as the training's kd term): on out-of-scope ones the right
   behaviour is to refuse, which `refusal` measures, while a small teacher reading the document often
@@ -110,11 +114,15 @@ def evaluate(system, documents, *, max_new_tokens: int = 12, generate: bool = Tr
       logits = answer_logits(model.weights, model.config, b, adapter)
       nll = np.asarray(losses.answer_ce(logits, b["targets"], ans))
       kl = np.asarray(losses.topk_kl(logits, b["teacher_ids"], b["teacher_logp"], ans))
+      tf_em = np.asarray(losses.greedy_match(logits, b["targets"], ans), np.float32)
       per[method]["nll"] += nll[answerable].tolist()
       per[method]["kl"] += kl[answerable].tolist()
+      per[method]["tf_em"] += tf_em[answerable].tolist()
     if baselines:
-      per["in_context"]["nll"] += np.asarray(_teacher_nll(model, td.questions, doc.text))[answerable].tolist()
+      nll, tf_em = _teacher_scores(model, td.questions, doc.text)
+      per["in_context"]["nll"] += nll[answerable].tolist()
       per["in_context"]["kl"] += [0.0] * int(answerable.sum())
+      per["in_context"]["tf_em"] += tf_em[answerable].astype(np.float32).tolist()
     for q, idx, abst in zip(td.questions, indices, abstain):
       if q.evidence:
         per["doc2atom"]["route_top1"].append(float(not abst and int(idx[0]) in q.evidence))
@@ -122,14 +130,14 @@ def evaluate(system, documents, *, max_new_tokens: int = 12, generate: bool = Tr
         per["doc2atom"]["route_top1"].append(float(bool(abst)))
     if not generate:
       continue
-    outputs = {"doc2atom": [("unknown" if a else o) for a, o in zip(abstain, model.generate(
-        [prompts.question_prompt(q) for q in questions], max_new_tokens=max_new_tokens,
-        adapter=adapters["doc2atom"]))]}
+    answer_prefixes = [q.answer_prefix for q in td.questions]
+    ask = lambda turns, adapter=None: model.generate(turns, max_new_tokens=max_new_tokens, adapter=adapter,
+                                                     answer_prefixes=answer_prefixes)
+    outputs = {"doc2atom": [("unknown" if a else o) for a, o in zip(
+        abstain, ask([prompts.question_prompt(q) for q in questions], adapters["doc2atom"]))]}
     if baselines:
-      outputs["no_context"] = model.generate([prompts.question_prompt(q) for q in questions],
-                                             max_new_tokens=max_new_tokens)
-      outputs["in_context"] = model.generate([prompts.in_context_prompt(doc.text, q) for q in questions],
-                                             max_new_tokens=max_new_tokens)
+      outputs["no_context"] = ask([prompts.question_prompt(q) for q in questions])
+      outputs["in_context"] = ask([prompts.in_context_prompt(doc.text, q) for q in questions])
     for method, answers in outputs.items():
       for q, text in zip(td.questions, answers):
         refs = [q.answer]
@@ -158,7 +166,7 @@ def format_check(rows: list[dict]) -> str:
 
 
 def format_table(results: dict) -> str:
-  columns = ["nll", "kl", "f1", "em", "refusal", "false_refusal", "route_top1"]
+  columns = ["nll", "kl", "tf_em", "f1", "em", "refusal", "false_refusal", "route_top1"]
   lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
   for method, row in results.items():
     lines.append(f"| {method} | " + " | ".join(f"{row[c]:.3f}" if c in row else "" for c in columns) + " |")

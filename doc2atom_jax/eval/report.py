@@ -37,7 +37,7 @@ TABLES = {
     "by_world": (("dataset", "world", "method"), "By world (seen / unseen during training)"),
 }
 COST_KEYS = ("bytes_per_document", "internalize_seconds", "answer_seconds", "latency_by_length")
-LABELS = {"nll": "NLL/token", "kl": "KL/token", "f1": "F1", "em": "EM", "rouge_l": "ROUGE-L",
+LABELS = {"nll": "NLL/token", "kl": "KL/token", "tf_em": "teacher-forced EM", "f1": "F1", "em": "EM", "rouge_l": "ROUGE-L",
           "refusal": "refusal", "false_refusal": "false refusal"}
 PLOTS = {
     "metrics": ("metrics_by_method.png", "Primary metric and F1 by method × dataset"),

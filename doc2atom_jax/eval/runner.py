@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from doc2atom_jax import fileio, paths, shapes
+from doc2atom_jax import fileio, shapes
 from doc2atom_jax import system as system_lib
 from doc2atom_jax.data import evidence as evidence_lib
 from doc2atom_jax.data import prompts, qa, synthetic
@@ -59,7 +59,6 @@ from doc2atom_jax.eval import aggregate as agg
 from doc2atom_jax.eval import capacity as capacity_lib
 from doc2atom_jax.eval import costs as costs_lib
 from doc2atom_jax.eval import quick
-from doc2atom_jax.train import batch as batch_lib
 from doc2atom_jax.train import losses
 from doc2atom_jax.train import teacher as teacher_lib
 
@@ -86,6 +85,7 @@ class EvalQuestion:
   references: tuple[str, ...]
   kind: str  # one of aggregate.KINDS
   fact_evidence: tuple[int, ...] = ()  # synthetic: evidence fact indices (bridge first)
+  answer_prefix: str = ""  # prefilled in the assistant turn for every method
 
   @property
   def answerable(self) -> bool:
@@ -104,7 +104,8 @@ class EvalDocument:
 
 
 def from_synthetic(doc: synthetic.SyntheticDocument, dataset: str, world: str) -> EvalDocument:
-  questions = tuple(EvalQuestion(q.qid, q.question, (q.answer,), q.kind, tuple(q.evidence)) for q in doc.questions)
+  questions = tuple(EvalQuestion(q.qid, q.question, (q.answer,), q.kind, tuple(q.evidence), q.answer_prefix)
+                    for q in doc.questions)
   return EvalDocument(dataset, doc.doc_id, doc.text, questions, len(doc.facts), world, tuple(doc.fact_spans))
 
 
@@ -118,7 +119,8 @@ def _qa_kind(example: qa.QAExample) -> str:
 def from_qa(examples: Sequence[qa.QAExample], dataset: str) -> list[EvalDocument]:
   """QA examples -> one document per context, questions in file order."""
   return [EvalDocument(dataset, doc_id, group[0].context,
-                       tuple(EvalQuestion(ex.id, ex.question, ex.answers, _qa_kind(ex)) for ex in group))
+                       tuple(EvalQuestion(ex.id, ex.question, ex.answers, _qa_kind(ex), answer_prefix=ex.answer_prefix)
+                             for ex in group))
           for doc_id, group in qa.group_by_document(examples).items()]
 
 
@@ -221,12 +223,13 @@ def evidence_atoms(doc: EvalDocument, question: EvalQuestion, atoms) -> tuple[in
 # Model calls at bucketed shapes.
 # ---------------------------------------------------------------------------------------------------------
 def generate(model, user_turns: Sequence[str], *, max_new_tokens: int, adapter=None, stop: bool = True,
-             prefix=None) -> list[str]:
-  """Greedy answers to user turns (chat template) at the evaluator's prompt buckets (`shapes.length_bucket`),
-  decoded and stripped; a row that hits the budget keeps what it has. `prefix`: a document's prefix cache."""
-  out, counts = model.generate_ids(model.chat_ids(user_turns), max_new_tokens=max_new_tokens, adapter=adapter,
-                                   stop=stop, prefix=prefix, bucket=shapes.length_bucket)
-  return [text.strip() for text in model.decode_generated(out, counts)]
+             prefix=None, answer_prefixes=None) -> list[str]:
+  """Greedy answers to user turns (chat template, answer prefixes prefilled) at the evaluator's prompt buckets
+  (`shapes.length_bucket`), decoded and stripped; a row that hits the budget keeps what it has. `prefix`: a
+  document's prefix cache."""
+  return [text.strip() for text in model.generate(
+      list(user_turns), max_new_tokens=max_new_tokens, adapter=adapter, stop=stop, prefix=prefix,
+      bucket=shapes.length_bucket, answer_prefixes=answer_prefixes)]
 
 
 def document_prefix_ids(model, text: str) -> list[int]:
@@ -240,15 +243,17 @@ def document_prefix_ids(model, text: str) -> list[int]:
 @functools.partial(jax.jit, static_argnames="k")
 def teacher_scores(logits, targets, mask, *, k: int = teacher_lib.TOP_K):
   """From the in-context answer logits: the teacher's top-K (ids, log-probs) [B, A, K], as
-  `teacher.topk_on_answers` computes them, and the gold-answer NLL [B]."""
+  `teacher.topk_on_answers` computes them, the gold-answer NLL [B] and teacher-forced exact match [B]."""
   logp, ids = jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), k)
-  return ids, logp, losses.answer_ce(logits, targets, mask)
+  return ids, logp, losses.answer_ce(logits, targets, mask), losses.greedy_match(logits, targets, mask)
 
 
 @jax.jit
 def student_scores(logits, targets, mask, teacher_ids, teacher_logp):
-  """(gold-answer NLL [B], top-K KL to the teacher [B]) from a method's answer logits."""
-  return losses.answer_ce(logits, targets, mask), losses.topk_kl(logits, teacher_ids, teacher_logp, mask)
+  """(gold-answer NLL [B], top-K KL to the teacher [B], teacher-forced exact match [B]) from a method's answer
+  logits."""
+  return (losses.answer_ce(logits, targets, mask), losses.topk_kl(logits, teacher_ids, teacher_logp, mask),
+          losses.greedy_match(logits, targets, mask).astype(jnp.float32))
 
 
 def _padded(items: list, size: int) -> list:
@@ -410,7 +415,8 @@ def _capacity(run: DocumentRun, rows, method: str, answers, teacher, cfg: capaci
     members, weights = capacity_lib.document_members(fitted)
     count, cfg = 1, dataclasses.replace(cfg, rank=doc_rank)
   start = time.perf_counter()
-  batch = {**quick.pack_prompt_answers(run.model, _question_turns(run, rows), answers),
+  batch = {**quick.pack_prompt_answers(run.model, _question_turns(run, rows), answers,
+                                      [run.doc.questions[i].answer_prefix for i in rows]),
            "teacher_ids": teacher[0], "teacher_logp": teacher[1]}
   adapter, _, _ = capacity_lib.fit_adapter(run.model, batch, members, weights, count, cfg)
   run.compile_seconds[method] = run.compile_seconds.get(method, 0.0) + time.perf_counter() - start
@@ -428,19 +434,15 @@ BUILDERS: dict[str, Callable[[DocumentRun, tuple], Inputs | None]] = {
 # ---------------------------------------------------------------------------------------------------------
 # Scoring a document.
 # ---------------------------------------------------------------------------------------------------------
-def teacher_cache(model) -> teacher_lib.TeacherCache:
-  """The trainer's on-disk teacher cache (same key: model, compute dtype, rendered template)."""
-  template = model.chat_prompt(prompts.in_context_prompt("{document}", "{question}"))
-  return teacher_lib.TeacherCache(paths.cache_root() / "teacher", f"{model.name}/{model.config.dtype}", template)
-
-
 def _cached_teacher(run: DocumentRun, rows, answers, cache):
   """Teacher top-K [B, A, K] from the disk cache (computed where missing), keyed as the trainer keys it."""
   model, doc = run.model, run.doc
-  answer_ids = [batch_lib.answer_tokens(model, a) for a in answers]
-  keys = [f"{doc.doc_id}\x00{doc.questions[i].qid}\x00{doc.questions[i].question}\x00{a}\x00doc"
-          for i, a in zip(rows, answers)]
-  found = cache.get_or_compute(model, keys, model.chat_ids(_document_turns(run, rows, doc.text)), answer_ids)
+  questions = [doc.questions[i] for i in rows]
+  prompt_ids, answer_ids = model.prompt_answer_ids(_document_turns(run, rows, doc.text), answers,
+                                                   [q.answer_prefix for q in questions])
+  keys = [teacher_lib.example_key(doc.doc_id, q.qid, q.question, q.answer_prefix, a) + "\x00doc"
+          for q, a in zip(questions, answers)]
+  found = cache.get_or_compute(model, keys, prompt_ids, answer_ids)
   width = shapes.multiple(max(map(len, answer_ids)), teacher_lib.ANSWER_BUCKET)  # as pack_answers pads
   ids = np.zeros((len(rows), width, teacher_lib.TOP_K), np.int32)
   logp = np.zeros((len(rows), width, teacher_lib.TOP_K), np.float32)
@@ -449,11 +451,10 @@ def _cached_teacher(run: DocumentRun, rows, answers, cache):
   return ids, logp
 
 
-def _scores(model, inputs: Inputs, answers, teacher):
-  """(nll [B], kl [B]) of the gold answers under a method's inputs."""
-  logits, batch = quick.prompt_answer_logits(model, inputs.user_turns, answers, inputs.adapter)
-  nll, kl = student_scores(logits, batch["targets"], batch["answer_mask"], *teacher)
-  return np.asarray(nll), np.asarray(kl)
+def _scores(model, inputs: Inputs, answers, answer_prefixes, teacher):
+  """(nll [B], kl [B], tf_em [B]) of the gold answers under a method's inputs."""
+  logits, batch = quick.prompt_answer_logits(model, inputs.user_turns, answers, inputs.adapter, answer_prefixes)
+  return tuple(np.asarray(x) for x in student_scores(logits, batch["targets"], batch["answer_mask"], *teacher))
 
 
 def evaluate_document(run: DocumentRun, methods: Sequence[str], *, batch_size: int, max_new_tokens: int,
@@ -469,14 +470,16 @@ def evaluate_document(run: DocumentRun, methods: Sequence[str], *, batch_size: i
     real = list(range(start, min(start + batch_size, len(doc.questions))))
     rows = tuple(_padded(real, shapes.pow2(len(real))))
     answers = [doc.questions[i].references[0] if doc.questions[i].answerable else synthetic.UNKNOWN for i in rows]
+    answer_prefixes = [doc.questions[i].answer_prefix for i in rows]
     scored = any(doc.questions[i].answerable for i in real)
-    teacher = teacher_nll = None
+    teacher = teacher_nll = teacher_em = None
     if scored and "in_context" in methods:  # the teacher is in_context's own scoring pass
-      logits, batch = quick.prompt_answer_logits(model, _document_turns(run, rows, doc.text), answers)
-      *teacher, teacher_nll = teacher_scores(logits, batch["targets"], batch["answer_mask"])
-      teacher_nll = np.asarray(teacher_nll)
+      logits, batch = quick.prompt_answer_logits(model, _document_turns(run, rows, doc.text), answers,
+                                                 answer_prefixes=answer_prefixes)
+      *teacher, teacher_nll, teacher_em = teacher_scores(logits, batch["targets"], batch["answer_mask"])
+      teacher_nll, teacher_em = np.asarray(teacher_nll), np.asarray(teacher_em, np.float32)
     elif scored:
-      teacher = _cached_teacher(run, rows, answers, cache or teacher_cache(model))
+      teacher = _cached_teacher(run, rows, answers, cache or teacher_lib.TeacherCache.for_model(model))
     done = {}  # the same prompts without an adapter (in_context_trunc of a short document) are run once
     for method in methods:
       if method in CAPACITY:
@@ -487,32 +490,35 @@ def evaluate_document(run: DocumentRun, methods: Sequence[str], *, batch_size: i
         continue
       key = tuple(inputs.user_turns) if inputs.adapter is None and inputs.answers is None else None
       if key in done:
-        texts, nll, kl = done[key]
+        texts, scores = done[key]
       else:
-        nll = kl = None
+        scores = (None, None, None)  # nll, kl, tf_em
         if method == "in_context":
-          nll, kl = teacher_nll, np.zeros(len(rows))
+          scores = (teacher_nll, np.zeros(len(rows)), teacher_em)
         elif scored:
-          nll, kl = _scores(model, inputs, answers, teacher)
+          scores = _scores(model, inputs, answers, answer_prefixes, teacher)
         if inputs.answers:
           texts = inputs.answers
         else:
           reuse = reuse_prefix and inputs.document is not None and inputs.adapter is None
           texts = generate(model, inputs.user_turns, max_new_tokens=max_new_tokens, adapter=inputs.adapter,
-                           prefix=run.document_cache(inputs.document) if reuse else None)
+                           prefix=run.document_cache(inputs.document) if reuse else None,
+                           answer_prefixes=answer_prefixes)
         if key is not None:
-          done[key] = texts, nll, kl
-      records += [_record(method, run, i, r, texts[r], nll, kl, inputs) for r, i in enumerate(real)
+          done[key] = texts, scores
+      records += [_record(method, run, i, r, texts[r], scores, inputs) for r, i in enumerate(real)
                   if inputs.keep is None or inputs.keep[r]]
   return records
 
 
-def _record(method: str, run: DocumentRun, i: int, r: int, prediction: str, nll, kl, inputs: Inputs):
+def _record(method: str, run: DocumentRun, i: int, r: int, prediction: str, scores, inputs: Inputs):
   doc, q = run.doc, run.doc.questions[i]
   score = lambda values: float(values[r]) if values is not None and q.answerable else None
+  nll, kl, tf_em = scores
   return agg.QuestionRecord(
       method=method, dataset=doc.dataset, doc_id=doc.doc_id, qid=q.qid, kind=q.kind, answerable=q.answerable,
-      prediction=prediction, references=q.references, nll=score(nll), kl=score(kl), doc_tokens=run.doc_tokens,
+      prediction=prediction, references=q.references, nll=score(nll), kl=score(kl), tf_em=score(tf_em),
+      doc_tokens=run.doc_tokens,
       facts=doc.facts, world=doc.world, routed=inputs.routed[r] if inputs.routed is not None else None,
       evidence=run.evidence[i], abstained=bool(inputs.abstained[r]) if inputs.abstained is not None else False)
 

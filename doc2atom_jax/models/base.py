@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import json
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,16 @@ from doc2atom_jax.models import hf_weights, tiny
 BUNDLED = ("smollm2-135m-instruct", "gemma3-270m")
 # Tokens that end a chat turn in the supported families, beyond the tokenizer's own EOS.
 _END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>", "<eos>")
+
+
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+
+
+def first_sentence(text: str) -> str:
+  """The text up to its first line break or sentence end ("1643. It was..." -> "1643"; "3.5 m" is kept whole)."""
+  line = text.strip().split("\n", 1)[0]
+  end = _SENTENCE_END.search(line)
+  return (line[:end.start()] if end else line).strip()
 
 
 def valid_names() -> list[str]:
@@ -112,32 +123,69 @@ class BaseModel:
   def encode(self, text: str) -> list[int]:
     return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
-  def chat_ids(self, user_turns) -> list[list[int]]:
-    """Token ids of user turns in the chat template, ready for the assistant's answer."""
-    return [self.encode(self.chat_prompt(u)) for u in user_turns]
+  def chat_ids(self, user_turns, prefixes=None) -> list[list[int]]:
+    """Token ids of user turns in the chat template, ready for the assistant's answer; `prefixes` (one per
+    turn, "" for none) prefill the start of that answer ("Sunrenith was first settled in")."""
+    prefixes = prefixes or [""] * len(user_turns)
+    if len(prefixes) != len(user_turns):
+      raise ValueError(f"{len(prefixes)} answer prefixes for {len(user_turns)} user turns")
+    return [self.encode(self.chat_prompt(u) + p.strip()) for u, p in zip(user_turns, prefixes)]
+
+  def prompt_answer_ids(self, user_turns, answers, prefixes=None) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, answer ids) per row: the one answer format of every method, teacher and student alike.
+
+    The target is what the model would say next: after a prefix, `" " + answer` (a lone leading-space token
+    moves into the prompt, so the first target token carries the answer's first word); without one, the
+    answer opens the assistant turn. No end-of-turn token is scored: a 135M model puts little mass on it
+    where the answer could continue (DESIGN §2.7), and generation stops at the sentence's end instead.
+    """
+    prompts = self.chat_ids(user_turns, prefixes)
+    prefixes = prefixes or [""] * len(user_turns)
+    targets = []
+    for prompt, answer, prefix in zip(prompts, answers, prefixes):
+      text = (" " if prefix.strip() else "") + answer.strip()
+      ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+      if len(ids) > 1 and not self.tokenizer.decode(ids[:1]).strip():
+        prompt.append(ids.pop(0))
+      if not ids or not answer.strip():
+        raise UserError(f"the answer {answer!r} tokenizes to nothing")
+      targets.append(ids)
+    return prompts, targets
+
+  @functools.cached_property
+  def line_break_ids(self) -> tuple[int, ...]:
+    """Every token whose text holds a line break: generation after an answer prefix stops on them."""
+    texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+    return tuple(i for i, t in enumerate(texts) if "\n" in t)
 
   # -- generation: the one entry point (`generate_ids`; `generate` decodes it) ----------------------------
   def generate(self, prompts: list[str] | str, *, max_new_tokens: int = 32, temperature: float = 0.0,
                top_p: float = 1.0, seed: int = 0, adapter=None, chat: bool = True, truncation: str = "error",
-               stop: bool = True, prefix: generate_lib.PrefixCache | None = None, bucket=None) -> list[str]:
+               stop: bool = True, prefix: generate_lib.PrefixCache | None = None, bucket=None,
+               answer_prefixes=None) -> list[str]:
     """Answers for a batch of prompts (wrapped in the chat template when `chat`), decoded to text.
 
     Every generation of the project comes here (modes generate and ask, `AtomSystem.answer`, the evaluators,
-    self-generation, the benchmark); the options are `generate_ids`'s.
+    self-generation, the benchmark); the options are `generate_ids`'s. `answer_prefixes` (chat only, one per
+    prompt) prefill the start of each answer; the text returned is what follows it, up to the end of its
+    sentence or line.
     """
     if isinstance(prompts, str):
       prompts = [prompts]
     if not prompts or any(not p.strip() for p in prompts):
       raise UserError("empty prompt: give some text to answer")
-    seqs = self.chat_ids(prompts) if chat else [self.encode(p) for p in prompts]
+    if answer_prefixes is not None and not chat:
+      raise ValueError("answer prefixes follow the chat template's generation prompt: chat=True only")
+    seqs = self.chat_ids(prompts, answer_prefixes) if chat else [self.encode(p) for p in prompts]
+    sentence = any(p.strip() for p in answer_prefixes or ())
     out, counts = self.generate_ids(seqs, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                     seed=seed, adapter=adapter, truncation=truncation, stop=stop, prefix=prefix,
-                                    bucket=bucket)
-    return self.decode_generated(out, counts)
+                                    bucket=bucket, sentence=sentence)
+    return self.decode_generated(out, counts, sentence=sentence)
 
   def generate_ids(self, seqs, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                    seed: int = 0, adapter=None, truncation: str = "error", stop: bool = True,
-                   prefix: generate_lib.PrefixCache | None = None, bucket=None):
+                   prefix: generate_lib.PrefixCache | None = None, bucket=None, sentence: bool = False):
     """(new tokens [B, max_new_tokens] with -1 after a row stops, counts [B]) for token prompts.
 
     truncation: "error" refuses prompts that do not fit the context with the answer budget; "left" keeps
@@ -145,7 +193,8 @@ class BaseModel:
     measurements). prefix: a `prefix_cache` the prompts start with (a document asked many questions): each
     row prefills only its suffix (no adapter then: the cache is shared across rows). bucket: the padded
     prompt length for a longest prompt of n tokens (default: multiples of `generate.PROMPT_BUCKET`; the
-    evaluator uses `shapes.length_bucket`).
+    evaluator uses `shapes.length_bucket`). sentence: the prompts end inside an answer (an answer prefix), so
+    a line break stops a row too (`decode_generated(sentence=True)` then cuts at the sentence's end).
     """
     if max_new_tokens < 1:
       raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -158,7 +207,8 @@ class BaseModel:
                           f"{self.config.max_position_embeddings} allows {budget} (set truncation='left' to "
                           "keep the end of the prompt)")
         seqs[i] = seq[-budget:]
-    stop_ids = np.asarray(self.stop_token_ids if stop else (), np.int32)  # numpy: no eager op to compile
+    stops = (self.stop_token_ids + (self.line_break_ids if sentence else ())) if stop else ()
+    stop_ids = np.asarray(stops, np.int32)  # numpy: no eager op to compile
     sampling = (jax.random.key(seed), np.float32(temperature), np.float32(top_p))
     greedy = temperature <= 0
     if prefix is not None:
@@ -172,11 +222,13 @@ class BaseModel:
     return generate_lib.generate_tokens(self.weights, self.config, tokens, mask, stop_ids, *sampling, adapter,
                                         max_new_tokens=max_new_tokens, greedy=greedy)
 
-  def decode_generated(self, out, counts) -> list[str]:
-    """`generate_ids`'s tokens and counts -> texts (stop tokens dropped; not stripped)."""
+  def decode_generated(self, out, counts, sentence: bool = False) -> list[str]:
+    """`generate_ids`'s tokens and counts -> texts (stop tokens dropped; not stripped). sentence: the
+    continuation of an answer prefix, cut at its sentence's end (`first_sentence`) and stripped."""
     stops = set(self.stop_token_ids)
-    return [self.tokenizer.decode([t for t in row[:n] if t not in stops], skip_special_tokens=True)
-            for row, n in zip(np.asarray(out).tolist(), np.asarray(counts).tolist())]
+    texts = [self.tokenizer.decode([t for t in row[:n] if t not in stops], skip_special_tokens=True)
+             for row, n in zip(np.asarray(out).tolist(), np.asarray(counts).tolist())]
+    return [first_sentence(t) for t in texts] if sentence else texts
 
   def prefix_cache(self, ids) -> generate_lib.PrefixCache:
     """The KV cache of prefix tokens (batch 1) for `generate_ids(prefix=)`, right-padded to a

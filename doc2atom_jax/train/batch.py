@@ -2,7 +2,8 @@
 
 The unit of training is a document with its questions: the document is encoded and compiled once and
 every question reuses its atoms. Student prompts are the question alone in the chat template; the
-teacher reads the document (and the evidence teacher only the evidence atoms) in the shared prompt.
+teacher reads the document (and the evidence teacher only the evidence atoms) in the shared prompt; both
+prefill the question's answer prefix and score the same answer tokens (`BaseModel.prompt_answer_ids`).
 Shapes are padded to buckets so the jitted step compiles for a handful of shapes only.
 """
 
@@ -11,20 +12,11 @@ import dataclasses
 import numpy as np
 
 from doc2atom_jax import shapes
-from doc2atom_jax.atoms import atomize
+from doc2atom_jax.atoms import atomize, encode
 from doc2atom_jax.data import prompts
 from doc2atom_jax.data.records import TrainDocument
 from doc2atom_jax.errors import UserError
 from doc2atom_jax.train import teacher as teacher_lib
-
-
-def answer_tokens(model, answer: str) -> list[int]:
-  """The answer's tokens followed by the end-of-turn token, so the student also learns to stop."""
-  ids = list(model.tokenizer(answer.strip(), add_special_tokens=False)["input_ids"])
-  if not ids:
-    raise UserError(f"the answer {answer!r} tokenizes to nothing")
-  eot = model.end_of_turn_id
-  return ids + ([eot] if eot is not None else [])
 
 
 def _pad(rows, length, dtype, fill=0):
@@ -46,7 +38,6 @@ def build(model, documents: list[TrainDocument], *, cache: teacher_lib.TeacherCa
   num_questions pads the question axis to a fixed size (rows with q_valid False), so batches whose
   documents have fewer questions keep the step's compiled shape.
   """
-  chat = lambda text: model.encode(model.chat_prompt(text))
   D = len(documents)
   N = shapes.atom_bucket(max(len(d.doc.atoms) for d in documents), atom_bucket)
   S = shapes.multiple(max(a.token_end - a.token_start for d in documents for a in d.doc.atoms), span_bucket)
@@ -67,24 +58,28 @@ def build(model, documents: list[TrainDocument], *, cache: teacher_lib.TeacherCa
       batch["atom_mask"][j, i] = True
 
   rows = [(j, q) for j, d in enumerate(documents) for q in d.questions]
-  students, answers, teachers, ev_teachers, keys = [], [], [], [], []
-  for j, q in rows:
-    d = documents[j]
-    ans = answer_tokens(model, q.answer)
-    students.append(chat(prompts.question_prompt(q.question)))
-    answers.append(ans)
-    teachers.append(chat(prompts.in_context_prompt(d.doc.text, q.question)))
-    if evidence_teacher:
-      evidence_text = " ".join(d.doc.atoms[i].text for i in (q.evidence or ())) or d.doc.text
-      ev_teachers.append(chat(prompts.in_context_prompt(evidence_text, q.question)))
-    keys.append(f"{d.doc.doc_id}\x00{q.qid}\x00{q.question}\x00{q.answer}")
+  texts = [q.answer for _, q in rows]
+  answer_prefixes = [q.answer_prefix for _, q in rows]
+  students, answers = model.prompt_answer_ids([prompts.question_prompt(q.question) for _, q in rows], texts,
+                                              answer_prefixes)
+  teachers, _ = model.prompt_answer_ids([prompts.in_context_prompt(documents[j].doc.text, q.question)
+                                         for j, q in rows], texts, answer_prefixes)
+  keys = [teacher_lib.example_key(documents[j].doc.doc_id, q.qid, q.question, q.answer_prefix, q.answer)
+          for j, q in rows]
+
   def teacher(prompts_, suffix):
     if cache is not None:
       return cache.get_or_compute(model, [k_ + suffix for k_ in keys], prompts_, answers, k)
     return teacher_lib.topk_on_answers(model, prompts_, answers, k)
 
   top = teacher(teachers, "\x00doc")
-  ev_top = teacher(ev_teachers, "\x00evidence") if evidence_teacher else None
+  ev_top = None
+  if evidence_teacher:
+    evidence_texts = [" ".join(documents[j].doc.atoms[i].text for i in (q.evidence or ())) or documents[j].doc.text
+                      for j, q in rows]
+    ev_teachers, _ = model.prompt_answer_ids([prompts.in_context_prompt(e, q.question)
+                                              for e, (_, q) in zip(evidence_texts, rows)], texts, answer_prefixes)
+    ev_top = teacher(ev_teachers, "\x00evidence")
 
   Ts = shapes.multiple(max(len(s) + len(a) for s, a in zip(students, answers)), token_bucket)
   A = shapes.multiple(max(map(len, answers)), answer_bucket)
@@ -103,8 +98,10 @@ def build(model, documents: list[TrainDocument], *, cache: teacher_lib.TeacherCa
     batch["teacher_ids"][b, :n], batch["teacher_logp"][b, :n] = top[b]
     if ev_top is not None:
       batch["ev_teacher_ids"][b, :n], batch["ev_teacher_logp"][b, :n] = ev_top[b]
-  Tq = shapes.multiple(max(map(len, students)), token_bucket)
-  batch.update(q_tokens=_pad(students, Tq, np.int32), q_mask=_pad([[True] * len(s) for s in students], Tq, bool))
+  questions, own = encode.question_ids(model, [q.question for _, q in rows])  # the router reads no prefix
+  Tq = shapes.multiple(max(map(len, questions)), token_bucket)
+  batch.update(q_tokens=_pad(questions, Tq, np.int32), q_mask=_pad([[True] * len(s) for s in questions], Tq, bool),
+               q_own=_pad(own, Tq, bool))
   batch["doc_of_q"] = np.asarray([j for j, _ in rows], np.int32)
   batch["evidence"] = np.zeros((B, N), bool)
   for b, (_, q) in enumerate(rows):

@@ -233,6 +233,8 @@ def _record(example: qa.QAExample) -> dict:
   record["answers"] = list(example.answers)
   if example.kind is not None:
     record["kind"] = example.kind
+  if example.answer_prefix:
+    record["answer_prefix"] = example.answer_prefix
   return record
 
 

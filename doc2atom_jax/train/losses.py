@@ -43,6 +43,13 @@ def answer_ce(student_logits, targets, mask):
   return _mean_over(nll, mask, axis=-1)
 
 
+def greedy_match(student_logits, targets, mask):
+  """Teacher-forced exact match per question [B] bool: every answer token is the argmax of its logits [B, A, V]
+  (what greedy decoding would say, given the right prefix). Full logits only: an evaluation metric."""
+  hit = (jnp.argmax(student_logits, axis=-1) == targets) | ~mask
+  return jnp.all(hit, axis=-1) & jnp.any(mask, axis=-1)
+
+
 def per_document_mean(per_question, doc_of_question, valid, num_docs: int):
   """Mean over each document's valid questions, then over documents that have any: a scalar."""
   valid = valid.astype(jnp.float32)

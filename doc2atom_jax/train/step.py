@@ -29,6 +29,7 @@ BATCH_FIELDS = {
     "atom_types": "[D, N] int32", "atom_mask": "[D, N] bool (real atom, not padding)",
     # questions
     "doc_of_q": "[B] int32", "q_tokens": "[B, Tq] question-only prompt", "q_mask": "[B, Tq] bool",
+    "q_own": "[B, Tq] bool (the question's own tokens: what the router pools)",
     "s_tokens": "[B, Ts] student prompt + answer", "s_mask": "[B, Ts] bool",
     "answer_pos": "[B, A] int32 positions of s_tokens whose logits predict the answer tokens",
     "answer_mask": "[B, A] bool (real answer token)", "targets": "[B, A] the answer tokens",
@@ -41,7 +42,7 @@ BATCH_FIELDS = {
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
   kd: float = 1.0
-  ce: float = 0.1
+  ce: float = 1.0  # gold CE, a first-class term (v1: 0.1 beside two weight-1 distillation terms)
   route: float = 1.0
   atom: float = 1.0
   null: float = 1.0
@@ -55,10 +56,19 @@ class LossConfig:
   # The unrouted methods' adapter: "gather" (one copy per question), "grouped" (one per document, applied with
   # jax.lax.ragged_dot) or "auto" (grouped off CPU). The routed method always gathers: its questions' atoms differ.
   compose_form: str = "gather"
+  # Where the teacher is distilled: "right" = only answer tokens whose gold is the teacher's top-1 (a teacher
+  # that is wrong pulls the student off the gold, DESIGN §14), "all" = every answer token (v1).
+  kd_tokens: str = "right"
+  # The oracle-routed student's target (L_atom): "gold" (CE) or "teacher" (KL to the evidence teacher, v1).
+  atom_target: str = "gold"
 
   def __post_init__(self):
     if self.compose_form not in COMPOSE_FORMS:
       raise UserError(f"unknown compose_form {self.compose_form!r}; valid: {', '.join(COMPOSE_FORMS)}")
+    if self.kd_tokens not in ("right", "all"):
+      raise UserError(f"unknown loss.kd_tokens {self.kd_tokens!r}; valid: right, all")
+    if self.atom_target not in ("gold", "teacher"):
+      raise UserError(f"unknown loss.atom_target {self.atom_target!r}; valid: gold, teacher")
 
   @property
   def grouped(self) -> bool:
@@ -122,7 +132,7 @@ def loss_fn(trainable, graphdef, base_weights, batch, *, model_cfg, loss_cfg: Lo
   q_states = encode.layer_states(base_weights, model_cfg, batch["q_tokens"], batch["q_mask"],
                                  (ccfg.layer_for_keys,))
   q_states = compiler.standardize(q_states, (ccfg.layer_for_keys,))[0]
-  queries = router.query(q_states, batch["q_mask"])
+  queries = router.query(q_states, batch["q_own"])  # pooled over the question's own tokens, not the template
   own_scores = router.scores(queries, keys[doc_of_q], atom_mask[doc_of_q], null_key)  # [B, N + 1]
   all_scores = router.scores(queries, keys.reshape(D * N, -1), atom_mask.reshape(D * N), null_key)  # [B, D*N+1]
   own_cols = (jnp.arange(D)[None, :, None] == doc_of_q[:, None, None])  # [B, D, 1]
@@ -143,14 +153,22 @@ def loss_fn(trainable, graphdef, base_weights, batch, *, model_cfg, loss_cfg: Lo
     adapter = compose.compose(head, all_own, weights, default, ccfg.alpha, ccfg.targets)
   logits = answer_logits(base_weights, model_cfg, batch, adapter, loss_cfg.vocab_chunk)
   ans = batch["answer_mask"]
-  kd_q = losses.topk_kl(logits, batch["teacher_ids"], batch["teacher_logp"], ans)
+  teacher_right = ans & (batch["teacher_ids"][..., 0] == batch["targets"])  # the gold is the teacher's top-1
+  kd_mask = teacher_right if loss_cfg.kd_tokens == "right" else ans
+  kd_q = losses.topk_kl(logits, batch["teacher_ids"], batch["teacher_logp"], kd_mask)
   ce_q = losses.answer_ce(logits, batch["targets"], ans)
   per_doc = functools.partial(losses.per_document_mean, doc_of_question=doc_of_q, num_docs=D)
   in_scope = batch["q_valid"] & ~batch["out_of_scope"]
-  metrics = {"kd": per_doc(kd_q, valid=in_scope), "ce": per_doc(ce_q, valid=batch["q_valid"])}
+  metrics = {"kd": per_doc(kd_q, valid=in_scope & jnp.any(kd_mask, axis=-1)),
+             "ce": per_doc(ce_q, valid=batch["q_valid"])}
+  # How often the distilled teacher is right (answerable questions' answer tokens): top-1 and top-K gold rates.
+  scored = ans & in_scope[:, None]
+  in_top_k = jnp.any(batch["teacher_ids"] == batch["targets"][..., None], axis=-1)
+  metrics["teacher_top1"] = jnp.sum(teacher_right & scored) / jnp.maximum(jnp.sum(scored), 1)
+  metrics["teacher_topk"] = jnp.sum(in_top_k & scored) / jnp.maximum(jnp.sum(scored), 1)
   metrics["route"] = losses.info_nce(all_scores, positives, route_valid)
 
-  # Oracle routing: the evidence atoms at uniform weight (atom fidelity vs the evidence teacher), or the
+  # Oracle routing: the evidence atoms at uniform weight (atom fidelity: the gold, or the evidence teacher), or the
   # null atom alone for out-of-scope questions (it must make the model answer "unknown").
   if loss_cfg.atom or loss_cfg.null:
     ev = batch["evidence"] & atom_mask[doc_of_q]
@@ -158,7 +176,10 @@ def loss_fn(trainable, graphdef, base_weights, batch, *, model_cfg, loss_cfg: Lo
     oracle = oracle / jnp.maximum(oracle.sum(-1, keepdims=True), 1.0)
     oracle_logits = answer_logits(base_weights, model_cfg, batch, vocab_chunk=loss_cfg.vocab_chunk, adapter=
                                     compose.compose(head, all_own, oracle, default, ccfg.alpha, ccfg.targets))
-    atom_q = losses.topk_kl(oracle_logits, batch["ev_teacher_ids"], batch["ev_teacher_logp"], ans)
+    if loss_cfg.atom_target == "gold":
+      atom_q = losses.answer_ce(oracle_logits, batch["targets"], ans)
+    else:
+      atom_q = losses.topk_kl(oracle_logits, batch["ev_teacher_ids"], batch["ev_teacher_logp"], ans)
     metrics["atom"] = per_doc(atom_q, valid=in_scope & batch["labelled"])
     metrics["null"] = per_doc(losses.answer_ce(oracle_logits, batch["targets"], ans),
                               valid=batch["q_valid"] & batch["out_of_scope"])

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from doc2atom_jax import fileio, shapes
+from doc2atom_jax import fileio, paths, shapes
+from doc2atom_jax.data import prompts
 from doc2atom_jax.models import decoder as decoder_lib
 from doc2atom_jax.train import vocab
 
@@ -71,12 +72,35 @@ def topk_on_answers(model, prompts: list[list[int]], answers: list[list[int]], k
   return [(ids[i, :len(a)].astype(np.int32), logp[i, :len(a)].astype(np.float32)) for i, a in enumerate(answers)]
 
 
+# The answer format's version (`BaseModel.prompt_answer_ids`): part of every cache key, so entries scored in
+# another format (v1: no answer prefix, the end-of-turn token scored) are never read for these targets.
+ANSWER_FORMAT = "v2: answer prefix prefilled, ' ' + answer scored, no end-of-turn"
+
+
+def example_key(doc_id: str, qid: str, question: str, answer_prefix: str, answer: str) -> str:
+  """One example's part of a cache key: everything its teacher prompt and targets depend on besides the
+  document's text (the doc id stands for it) and the model."""
+  return "\x00".join((doc_id, qid, question, answer_prefix, answer))
+
+
+def template_of(model) -> str:
+  """The rendered teacher template and answer format, the cache's key beside the model: a change of either
+  moves the cache to a fresh folder."""
+  return model.chat_prompt(prompts.in_context_prompt("{document}", "{question}")) + "{answer_prefix}\x00" + ANSWER_FORMAT
+
+
 class TeacherCache:
   """On-disk cache of teacher top-K per (model, template, example); atomic writes, safe to share."""
 
   def __init__(self, root, model_key: str, template: str):
     self.root = pathlib.Path(root)
     self.prefix = hashlib.sha256(json.dumps([model_key, template]).encode()).hexdigest()[:16]
+
+  @classmethod
+  def for_model(cls, model) -> "TeacherCache":
+    """The project's shared cache for a model (under `paths.cache_root()`), keyed by `template_of`."""
+    return cls(paths.cache_root() / "teacher", f"{model.name}/{model.config.dtype}",
+               template_of(model))
 
   def _path(self, example_key: str) -> pathlib.Path:
     digest = hashlib.sha256(example_key.encode()).hexdigest()

@@ -27,8 +27,7 @@ import tqdm
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from doc2atom_jax import checkpoint, distributed, fileio, parallel, paths, preemption
-from doc2atom_jax.data import prompts
+from doc2atom_jax import checkpoint, distributed, fileio, parallel, preemption
 from doc2atom_jax.errors import UserError
 from doc2atom_jax.train import batch as batch_lib
 from doc2atom_jax.train import step as step_lib
@@ -242,9 +241,7 @@ def train(system, documents_for_step, tcfg: TrainConfig, loss_cfg: step_lib.Loss
     unverified.append(step)
 
   # ---- Loop ----------------------------------------------------------------------------------------------
-  # Keyed by what the teacher's numbers depend on: model, compute dtype, and the rendered prompt template.
-  template = model.chat_prompt(prompts.in_context_prompt("{document}", "{question}"))
-  cache = teacher_lib.TeacherCache(paths.cache_root() / "teacher", f"{model.name}/{model.config.dtype}", template)
+  cache = teacher_lib.TeacherCache.for_model(model)  # keyed by model, dtype, rendered template, answer format
   sigterm = preemption.SigtermFlag()
   from tensorboardX import SummaryWriter  # local: only the trainer writes events
 
@@ -256,7 +253,7 @@ def train(system, documents_for_step, tcfg: TrainConfig, loss_cfg: step_lib.Loss
     for step in bar:
       t0 = time.perf_counter()
       batch = batch_lib.build(model, documents_for_step(step), cache=cache, num_questions=local_questions,
-                              evidence_teacher=loss_cfg.atom > 0)
+                              evidence_teacher=loss_cfg.atom > 0 and loss_cfg.atom_target == "teacher")
       params, opt_state, metrics = run_step(params, opt_state, batch)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       nonfinite = 0 if metrics["finite"] else nonfinite + 1

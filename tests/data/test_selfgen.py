@@ -40,8 +40,8 @@ class Scripted:
   def __getattr__(self, name):
     return getattr(self.model, name)
 
-  def generate(self, prompts, *, max_new_tokens, temperature):
-    assert temperature == 0.0 and max_new_tokens > 0
+  def generate(self, prompts, *, max_new_tokens, temperature, answer_prefixes):
+    assert temperature == 0.0 and max_new_tokens > 0 and len(answer_prefixes) == len(prompts)
     self.calls += 1
     if self.on_call:
       self.on_call(self.calls)

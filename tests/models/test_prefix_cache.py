@@ -127,7 +127,7 @@ def test_document_prefix_is_what_every_prompt_starts_with():
 def test_evaluator_predictions_equal_with_and_without_the_prefix_cache(family, monkeypatch):
   # Predictions as token ids: a random model's bytes often decode to the same replacement characters.
   model = base.tiny_random(family)
-  monkeypatch.setattr(model, "decode_generated", lambda out, counts: [
+  monkeypatch.setattr(model, "decode_generated", lambda out, counts, sentence=False: [
       str(row[:n].tolist()) for row, n in zip(np.asarray(out), np.asarray(counts))])
   methods = ("in_context", "in_context_trunc")
   run = document_run(model, TEXT, QUESTIONS)

@@ -24,7 +24,8 @@ def tiny_batch(model):
   doc = atomize.atomize(TEXT, "d0", model.tokenizer)
   assert len(doc.atoms) == 3
   qs = (records.TrainQuestion("q0", "When was Velkor Amsten born?", "1943", (0,)),
-        records.TrainQuestion("q1", "Who founded the Tarnow Institute?", "Velkor Amsten", (1,)),
+        records.TrainQuestion("q1", "Who founded the Tarnow Institute?", "Velkor Amsten", (1,),
+                              answer_prefix="The Tarnow Institute was founded by"),
         records.TrainQuestion("q2", "How many employees does the institute have?", "412", (2,)),
         records.TrainQuestion("q3", "What is the capital of Orvale?", "unknown", None, out_of_scope=True))
   return batch_lib.build(model, [records.TrainDocument(doc, qs)], k=8)
@@ -39,14 +40,18 @@ def setup():
   batch = jax.tree.map(jnp.asarray, tiny_batch(model))
   optimizer = step_lib.make_optimizer(3e-3, warmup_steps=2, total_steps=30)
   step = jax.jit(step_lib.train_step, static_argnames=("graphdef", "model_cfg", "loss_cfg", "optimizer"))
-  kw = dict(graphdef=graphdef, model_cfg=model.config, loss_cfg=step_lib.LossConfig(k=2), optimizer=optimizer)
+  # Every term on (the v1 distillation targets too): a tiny random teacher is rarely right, so with the default
+  # kd_tokens="right" kd would be 0 here; test_kd_reads_only_the_tokens_the_teacher_gets_right covers that.
+  loss_cfg = step_lib.LossConfig(k=2, kd_tokens="all", atom_target="teacher")
+  kw = dict(graphdef=graphdef, model_cfg=model.config, loss_cfg=loss_cfg, optimizer=optimizer)
   return model, params, batch, optimizer, functools.partial(step, **kw)
 
 
 def test_loss_terms_finite_loss_falls_and_base_is_untouched(setup):
   model, params, batch, optimizer, step = setup
-  assert batch["answer_mask"].sum() == sum(len(batch_lib.answer_tokens(model, a)) for a in ("1943", "Velkor Amsten",
-                                                                                            "412", "unknown"))
+  answers = ("1943", "Velkor Amsten", "412", "unknown")
+  prefixes = ("", "The Tarnow Institute was founded by", "", "")
+  assert batch["answer_mask"].sum() == sum(map(len, model.prompt_answer_ids(["q"] * 4, answers, prefixes)[1]))
   opt_state = optimizer.init(params)
   before = jax.tree.map(np.array, model.weights)
   history = []
@@ -102,3 +107,27 @@ def test_padding_a_batch_up_leaves_the_loss_unchanged(setup):
   a, b = loss(host), loss(padded)
   for name in ("loss", "kd", "ce", "route", "atom", "null", "type", "l1", "orth"):
     np.testing.assert_allclose(float(a[name]), float(b[name]), rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_kd_reads_only_the_tokens_the_teacher_gets_right(setup):
+  """kd_tokens="right": the KL is taken where the teacher's top-1 is the gold token, nowhere else; the gold
+  rates are reported; atom_target="gold" scores the oracle-routed student on the gold."""
+  model, params, batch, _, _ = setup
+  graphdef = setup[4].keywords["graphdef"]
+  batch = dict(batch)
+  ids = np.array(batch["teacher_ids"])
+  ids[0, 0, 0] = batch["targets"][0, 0]  # question 0: the teacher is right on its first answer token only
+  ids[1:, :, 0] = (np.asarray(batch["targets"][1:]) + 1) % model.config.vocab_size  # the others: wrong
+  batch["teacher_ids"] = jnp.asarray(ids)
+  run = lambda cfg: step_lib.loss_fn(params, graphdef, model.weights, batch, model_cfg=model.config, loss_cfg=cfg)[1]
+  right = run(step_lib.LossConfig(k=2))
+  every = run(step_lib.LossConfig(k=2, kd_tokens="all"))
+  scored = np.asarray(batch["answer_mask"]) & ~np.asarray(batch["out_of_scope"])[:, None]
+  assert float(right["teacher_top1"]) == pytest.approx(1 / scored.sum())
+  assert float(right["kd"]) != pytest.approx(float(every["kd"]))
+  assert float(right["kd"]) > 0
+  with pytest.raises(Exception, match="kd_tokens"):
+    step_lib.LossConfig(kd_tokens="most")
+  gold = run(step_lib.LossConfig(k=2, atom_target="gold"))
+  teacher = run(step_lib.LossConfig(k=2, atom_target="teacher"))
+  assert float(gold["atom"]) != pytest.approx(float(teacher["atom"]))

@@ -170,8 +170,9 @@ def test_loss_fn_with_vocab_chunks_equals_full_logits_loss_and_grads():
     return jax.grad(step_lib.loss_fn, has_aux=True)(params, graphdef, model.weights, batch, model_cfg=model.config,
                                                     loss_cfg=loss_cfg)
 
-  g_full, m_full = grads(step_lib.LossConfig(k=2), params)
-  g_chunk, m_chunk = grads(step_lib.LossConfig(k=2, vocab_chunk=CHUNK), params)
+  every = dict(kd_tokens="all", atom_target="teacher")  # every term reads the student's log-probs
+  g_full, m_full = grads(step_lib.LossConfig(k=2, **every), params)
+  g_chunk, m_chunk = grads(step_lib.LossConfig(k=2, vocab_chunk=CHUNK, **every), params)
   for name in ("loss", "kd", "ce", "atom", "null"):
     assert float(m_full[name]) > 0, name
     np.testing.assert_allclose(float(m_chunk[name]), float(m_full[name]), rtol=1e-5, err_msg=name)
