@@ -76,6 +76,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.atoms.k = 4
   c.atoms.normalization = "softmax"  # softmax | sigmoid | softmax_k
   c.atoms.route_approx = False  # answer-time top-k by jax.lax.approx_max_k (approximate on TPU; exact on CPU/GPU)
+  # Answer-time routing (atoms/fusion.py): fused = the router's scores + BM25 over atom words + the question's
+  # answer type (docs/method.md has the measured precision of each ingredient); dense = the router alone.
+  c.atoms.route_score = "fused"
+  # evidence: refuse a question naming what the document never mentions, or with nothing of its answer type
+  # about it, or whose best atom's margin over the null is below abstain_margin; null: v1 (null atom ranks first).
+  c.atoms.abstain = "evidence"
+  c.atoms.abstain_margin = float("nan")  # nan: the export's calibrated margin (mode=train), else lexical only
+  c.atoms.abstain_false_refusal = 0.05  # mode=train calibrates the margin for this share of answerable refused
   c.atoms.max_chunk_tokens = 0  # encode long documents in chunks of this many tokens; 0 = the model's context
   c.atoms.code_dtype = "bfloat16"  # storage of codes in banks: bfloat16 | float32 | int8 (absmax per atom and layer)
   c.atoms.key_dtype = "float32"  # storage of routing keys in banks: float32 | bfloat16
@@ -146,6 +154,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.documents = 4  # 0 skips it
   c.eval.max_new_tokens = 12  # answer budget (greedy), here and in mode=eval
   c.eval.margin = 0.05  # the learning check: doc2atom's KL must beat each control by this many nats/token
+  c.eval.calibration_documents = 16  # validation worlds (never the held-out ones) that calibrate abstention
   # mode=eval (doc2atom_jax/eval/runner.py): methods side by side -> <workdir>/eval/{report.md, results.json, *.png}.
   # The defaults are a quick look (8-9 minutes on 2 CPU cores); raise the caps for a real measurement.
   c.eval.methods = ()  # () = every method that can run: no_context, in_context, in_context_trunc, rag_atoms,

@@ -227,11 +227,16 @@ def train(config, workdir: pathlib.Path | None):
                           workdir, run_meta=run_meta, eval_fn=periodic_eval if heldout else None,
                           num_questions=num_questions)
   finished = not history or history[-1]["step"] == tcfg.steps  # not preempted
+  abstention = None
+  if finished and system.method.method == "doc2atom" and system.method.abstain == "evidence":
+    abstention = _calibrate(config, system)
   if finished and distributed.is_main_process():  # files are process 0's; the others evaluate alike and wait
     from doc2atom_jax import checkpoint
 
-    path = checkpoint.export_params((system.compiler, system.router), checkpoint.export_dir(workdir),
-                                    {"run": run_meta, "step": tcfg.steps, "model": system.model.name})
+    meta = {"run": run_meta, "step": tcfg.steps, "model": system.model.name}
+    if abstention is not None:
+      meta["abstention"] = abstention
+    path = checkpoint.export_params((system.compiler, system.router), checkpoint.export_dir(workdir), meta)
     print(f"exported the trained compiler and router to {path} (use --config.params={path})")
   if finished and heldout:
     results = quick.evaluate(system, heldout, max_new_tokens=config.eval.max_new_tokens, progress="held-out eval")
@@ -240,7 +245,8 @@ def train(config, workdir: pathlib.Path | None):
     fileio.atomic_write_text(workdir / "results.json", json.dumps(
         {"methods": results, "untrained": untrained, "learning_check": check}, indent=1))
     print(f"held-out evaluation ({len(heldout)} validation documents; kl: top-16 KL to the in-context teacher "
-          "on the answer tokens, nll: of the gold answer, both nats/token, lower is better):\n"
+          "on the answer tokens, nll: of the gold answer, both nats/token, lower is better; tf_em: teacher-forced "
+          "exact match after the answer prefix; f1/em: greedy answers):\n"
           f"{quick.format_table(results)}\n\nlearning check:\n{quick.format_check(check)}")
   summary = trainer.summary_line(trainer.run_trajectory(workdir, history))  # the whole run's, resumes included
   if summary:
@@ -249,6 +255,27 @@ def train(config, workdir: pathlib.Path | None):
 
 
 MODES["train"] = train
+
+
+def _calibrate(config, system) -> dict:
+  """Calibrates the evidence abstention's margin on validation worlds the held-out evaluation never uses, sets it
+  on `system` (unless the config fixes one) and returns what the export records."""
+  import dataclasses
+  import math
+
+  from doc2atom_jax.eval import quick
+  from doc2atom_jax.train import data as data_lib
+
+  target = float(config.atoms.get("abstain_false_refusal", 0.05))
+  errors.at_least("atoms.abstain_false_refusal", target, 0)
+  count = int(config.eval.get("calibration_documents", 16))
+  found = quick.calibrate_abstention(system, data_lib.heldout_documents(config, count, data_lib.CALIBRATION_START),
+                                     target)
+  if math.isnan(system.method.abstain_margin):
+    system.method = dataclasses.replace(system.method, abstain_margin=found["margin"])
+  print(f"abstention: margin {found['margin']:.3f} refuses {target:.0%} of the answerable questions the lexical "
+        f"check lets through ({found['questions']} questions, {found['documents']} validation worlds)")
+  return found
 
 
 def _untrained_results(system, documents, workdir: pathlib.Path, run_meta: dict) -> dict:

@@ -5,8 +5,10 @@ Below the modes, the evaluator, the benchmark and the experiment, which all buil
 imports nothing of theirs. The config is passed in (an `ml_collections.ConfigDict` as `configs/*.py` make it).
 """
 
+import dataclasses
 import importlib.util
 import json
+import math
 import pathlib
 
 import ml_collections
@@ -60,7 +62,9 @@ def build_system(config, model=None, params: str | None = None):
       method=config.atoms.method, min_atom_tokens=config.atoms.min_atom_tokens,
       max_atom_tokens=config.atoms.max_atom_tokens, chunk_tokens=config.atoms.chunk_tokens, k=config.atoms.k,
       normalization=config.atoms.normalization, max_chunk_tokens=config.atoms.max_chunk_tokens,
-      route_approx=bool(config.atoms.get("route_approx", False)))
+      route_approx=bool(config.atoms.get("route_approx", False)),
+      route_score=config.atoms.get("route_score", "fused"), abstain=config.atoms.get("abstain", "evidence"),
+      abstain_margin=float(config.atoms.get("abstain_margin", float("nan"))))
   model = model or load_model(config)
   c = config.compiler
   try:
@@ -77,6 +81,9 @@ def build_system(config, model=None, params: str | None = None):
     check_export(params, model.name, config.atoms.method)
     meta = checkpoint.load_params((system.compiler, system.router), params)
     print(f"loaded trained compiler and router from {params} (step {meta.get('step')})")
+    calibrated = (meta.get("abstention") or {}).get("margin")
+    if math.isnan(system.method.abstain_margin) and calibrated is not None:  # the export's calibration
+      system.method = dataclasses.replace(system.method, abstain_margin=float(calibrated))
   return system
 
 

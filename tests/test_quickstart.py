@@ -25,8 +25,9 @@ def test_quickstart_main_job_end_to_end_on_the_bundled_model(tmp_path):
   report = json.loads((tmp_path / "results.json").read_text())
   assert set(report["methods"]) == {"no_context", "in_context", "doc2atom", "default_only", "wrong_document"}
   assert report["methods"]["in_context"]["nll"] < report["methods"]["no_context"]["nll"]  # the teacher knows more
-  assert [r["control"] for r in report["learning_check"]] == [
-      "untrained compiler", "default adapter only", "atoms of another document"]
+  controls = ["untrained compiler", "default adapter only", "atoms of another document"]
+  assert [(r["metric"], r["control"]) for r in report["learning_check"]] == [
+      (m, c) for m in ("kl", "tf_em") for c in controls]
   assert all(isinstance(r["passed"], bool) for r in report["learning_check"])
 
   export = tmp_path / "export"

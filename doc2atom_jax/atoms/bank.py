@@ -95,6 +95,7 @@ class AtomBank:
   code_dtype: str  # how the codes are stored ("bfloat16", "float32" or "int8")
   key_dtype: str = "float32"  # how the keys are stored ("float32" or "bfloat16")
   _padded: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # bucket -> padded arrays
+  _lexicon: object = dataclasses.field(default=None, repr=False, compare=False)  # fusion.Lexicon, built on use
 
   def __len__(self) -> int:
     return len(self.atoms)

@@ -1,7 +1,8 @@
 """The atom system end to end: split -> encode -> compile -> bank, and question -> route -> compose -> answer.
 
 One `AtomSystem` holds the frozen base model, the compiler and the router, and a method:
-- `doc2atom`: rule-based atoms, the learned router picks top-k (the null atom competes; first = abstain);
+- `doc2atom`: rule-based atoms; the learned router's scores, fused with BM25 and the answer type, pick the
+  top-k; abstention reads the document (atoms/fusion.py; v1: the null atom competes, first = abstain);
 - `d2l`: Doc-to-LoRA — fixed-length chunks (or the whole document), all chunk adapters of the document
   rank-concatenated at equal weight, no router;
 - `d2l_atom`: doc2atom's atoms, all composed at equal weight, no router (isolates the router).
@@ -18,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from doc2atom_jax import shapes
-from doc2atom_jax.atoms import atomize, bank as bank_lib, chunk, compose, encode
+from doc2atom_jax.atoms import atomize, bank as bank_lib, chunk, compose, encode, fusion
 from doc2atom_jax.atoms import compiler as compiler_lib
 from doc2atom_jax.atoms import router as router_lib
 from doc2atom_jax.data import prompts
@@ -39,6 +40,9 @@ class MethodConfig:
   normalization: str = "softmax"
   max_chunk_tokens: int = 0  # encoding chunk for long documents; 0 = the model's context
   route_approx: bool = False  # doc2atom's top-k by jax.lax.approx_max_k (router.top_k; approximate on TPU only)
+  route_score: str = "fused"  # dense (the router alone) | fused (+ BM25 and answer type: atoms/fusion.py)
+  abstain: str = "evidence"  # evidence (lexical + calibrated margin: atoms/fusion.py) | null (v1: null ranks first)
+  abstain_margin: float = float("nan")  # evidence: refuse below this dense margin over the null (nan: lexical only)
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -47,6 +51,15 @@ class MethodConfig:
       raise UserError(f"unknown normalization {self.normalization!r}; valid: {', '.join(router_lib.NORMALIZATIONS)}")
     if self.k < 1:
       raise UserError(f"k must be >= 1, got {self.k}")
+    if self.route_score not in fusion.ROUTE_SCORES:
+      raise UserError(f"unknown atoms.route_score {self.route_score!r}; valid: {', '.join(fusion.ROUTE_SCORES)}")
+    if self.abstain not in fusion.ABSTAIN:
+      raise UserError(f"unknown atoms.abstain {self.abstain!r}; valid: {', '.join(fusion.ABSTAIN)}")
+
+  @property
+  def v1_routing(self) -> bool:
+    """The router alone, the null atom competing in the top-k: the jitted path (sharded banks, approx top-k)."""
+    return self.route_score == "dense" and self.abstain == "null"
 
 
 @dataclasses.dataclass
@@ -143,10 +156,30 @@ class AtomSystem:
               np.zeros(batch, bool))
     codes, keys, mask = bank.padded()
     states, q_own = self.question_states(questions)
-    indices, weights, abstain = _route(nnx.split(self.router), states, q_own, jnp.asarray(keys), jnp.asarray(mask),
-                                       self.compiler.null()[1], k=self.method.k, normalization=self.method.normalization,
-                                       approximate=self.method.route_approx)
-    return np.asarray(indices), np.asarray(weights), np.asarray(abstain)
+    m = self.method
+    if m.v1_routing:
+      indices, weights, abstain = _route(nnx.split(self.router), states, q_own, jnp.asarray(keys), jnp.asarray(mask),
+                                         self.compiler.null()[1], k=m.k, normalization=m.normalization,
+                                         approximate=m.route_approx)
+      return np.asarray(indices), np.asarray(weights), np.asarray(abstain)
+    scores = np.asarray(self.scores(bank, questions, (states, q_own)))
+    return fusion.select(scores, questions, self.lexicon(bank), k=m.k, route_score=m.route_score,
+                         abstain=m.abstain, margin=m.abstain_margin,
+                         normalize=lambda top: router_lib.normalize(top, m.normalization))
+
+  def scores(self, bank: bank_lib.AtomBank, questions: list[str], question_states=None):
+    """The router's dense scores [B, N_padded + 1] over the bank's atoms (padding -inf, the null atom last)."""
+    _, keys, mask = bank.padded()
+    states, q_own = question_states or self.question_states(questions)
+    return _scores(nnx.split(self.router), states, q_own, jnp.asarray(keys), jnp.asarray(mask),
+                   self.compiler.null()[1])
+
+  @staticmethod
+  def lexicon(bank: bank_lib.AtomBank) -> fusion.Lexicon:
+    """The bank's lexical view (BM25, resolved atom texts, types), built once per loaded bank."""
+    if bank._lexicon is None:  # pylint: disable=protected-access
+      bank._lexicon = fusion.Lexicon.of(bank.atoms, [bank.texts[d] for d in bank.doc_ids])  # pylint: disable=protected-access
+    return bank._lexicon  # pylint: disable=protected-access
 
   def adapter(self, bank: bank_lib.AtomBank, indices, weights):
     codes, _, _ = bank.padded()
@@ -186,6 +219,12 @@ def _compile_atoms(split_compiler, states, idx, mask, types):
   compiler = nnx.merge(*split_compiler)
   codes, keys, _ = compiler(encode.gather_spans(states, idx, mask), mask, types)
   return codes, keys
+
+
+@jax.jit
+def _scores(split_router, states, q_own, keys, key_mask, null_key):
+  router = nnx.merge(*split_router)
+  return router.scores(router.query(states, q_own), keys, key_mask, null_key)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "normalization", "approximate"))

@@ -53,7 +53,8 @@ class Router(nnx.Module):
     return jnp.concatenate([s, null], axis=-1)
 
 
-def _normalize(top_scores, normalization: str):
+def normalize(top_scores, normalization: str):
+  """Weights of the top-k scores [..., k] (-inf = empty slot, weight 0) by the configured normalization."""
   finite = jnp.isfinite(top_scores)
   if normalization == "sigmoid":
     w = jax.nn.sigmoid(jnp.where(finite, top_scores, -1e30))
@@ -121,7 +122,7 @@ def select(scores, k: int, normalization: str = "softmax", blocks: int = 1, appr
     columns = jnp.take_along_axis(merged_cols, picked, axis=-1)
   else:
     top, columns = jax.lax.top_k(scores, k)
-  weights = _normalize(top, normalization)
+  weights = normalize(top, normalization)
   num_atoms = scores.shape[-1] - 1
   indices = jnp.where(jnp.isfinite(top), column_to_index(columns, num_atoms), 0)
   abstain = columns[:, 0] == num_atoms
@@ -133,6 +134,6 @@ def relaxed_weights(scores, k: int, normalization: str = "softmax"):
   their columns (0 elsewhere); backward = d softmax(scores) over the in-scope atoms and the null atom."""
   k = min(k, scores.shape[-1])
   top, columns = jax.lax.top_k(scores, k)
-  hard = jnp.zeros_like(scores).at[jnp.arange(scores.shape[0])[:, None], columns].set(_normalize(top, normalization))
+  hard = jnp.zeros_like(scores).at[jnp.arange(scores.shape[0])[:, None], columns].set(normalize(top, normalization))
   soft = jax.nn.softmax(jnp.where(jnp.isfinite(scores), scores, -1e30), axis=-1)
   return jax.lax.stop_gradient(hard) + soft - jax.lax.stop_gradient(soft)

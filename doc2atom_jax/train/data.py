@@ -333,8 +333,12 @@ def source_from_config(config, tokenizer=None, *, process_index: int = 0, proces
   return staged_source(stages, synthetic_source) if stages else synthetic_source(d.facts_per_document)
 
 
-def heldout_documents(config, count: int) -> list[synthetic.SyntheticDocument]:
-  """The first `count` validation-split documents of the config's synthetic worlds (disjoint from train)."""
+CALIBRATION_START = 10_000  # validation indices from here calibrate (abstention); held-out ones start at 0
+
+
+def heldout_documents(config, count: int, start: int = 0) -> list[synthetic.SyntheticDocument]:
+  """`count` validation-split documents of the config's synthetic worlds (disjoint from train) from index
+  `start`: 0 for the held-out evaluation, CALIBRATION_START for calibration (never the same worlds)."""
   source = SyntheticSource(seed=config.seed, facts_per_document=tuple(config.data.facts_per_document),
                            questions_per_document=config.data.questions_per_document, split="validation")
-  return [source.document(i) for i in range(count)]
+  return [source.document(start + i) for i in range(count)]

@@ -31,10 +31,13 @@ def test_quick_evaluation_on_held_out_documents():
 
 
 def test_learning_check_states_margins_and_verdicts():
-  results = {"doc2atom": {"kl": 1.0}, "default_only": {"kl": 1.2}, "wrong_document": {"kl": 1.03}}
-  rows = quick.learning_check(results, {"doc2atom": {"kl": 2.0}}, margin=0.05)
-  assert [(r["control"], r["passed"]) for r in rows] == [
-      ("untrained compiler", True), ("default adapter only", True), ("atoms of another document", False)]
+  results = {"doc2atom": {"kl": 1.0, "tf_em": 0.5}, "default_only": {"kl": 1.2, "tf_em": 0.47},
+             "wrong_document": {"kl": 1.03, "tf_em": 0.2}}
+  rows = quick.learning_check(results, {"doc2atom": {"kl": 2.0, "tf_em": 0.0}}, margin=0.05, em_margin=0.05)
+  assert [(r["control"], r["metric"], r["passed"]) for r in rows] == [
+      ("untrained compiler", "kl", True), ("default adapter only", "kl", True),
+      ("atoms of another document", "kl", False), ("untrained compiler", "tf_em", True),
+      ("default adapter only", "tf_em", False), ("atoms of another document", "tf_em", True)]
   table = quick.format_check(rows)
-  assert "FAIL (+0.030)" in table and "PASS (+1.000)" in table and "0.050" in table
+  assert "FAIL (+0.030)" in table and "PASS (+1.000)" in table and "0.050" in table and "PASS (+0.300)" in table
   assert [r["control"] for r in quick.learning_check({"doc2atom": {"kl": 1.0}}, None, 0.05)] == []
