@@ -259,20 +259,18 @@ MODES["train"] = train
 
 def _calibrate(config, system) -> dict:
   """Calibrates the evidence abstention's margin on validation worlds the held-out evaluation never uses, sets it
-  on `system` (unless the config fixes one) and returns what the export records."""
+  on `system` and returns what the export records."""
   import dataclasses
-  import math
 
   from doc2atom_jax.eval import quick
   from doc2atom_jax.train import data as data_lib
 
-  target = float(config.atoms.get("abstain_false_refusal", 0.05))
+  target = float(config.atoms.get("abstain_false_refusal", 0.02))
   errors.at_least("atoms.abstain_false_refusal", target, 0)
   count = int(config.eval.get("calibration_documents", 16))
   found = quick.calibrate_abstention(system, data_lib.heldout_documents(config, count, data_lib.CALIBRATION_START),
                                      target)
-  if math.isnan(system.method.abstain_margin):
-    system.method = dataclasses.replace(system.method, abstain_margin=found["margin"])
+  system.method = dataclasses.replace(system.method, abstain_margin=found["margin"])
   print(f"abstention: margin {found['margin']:.3f} refuses {target:.0%} of the answerable questions the lexical "
         f"check lets through ({found['questions']} questions, {found['documents']} validation worlds)")
   return found

@@ -8,7 +8,6 @@ imports nothing of theirs. The config is passed in (an `ml_collections.ConfigDic
 import dataclasses
 import importlib.util
 import json
-import math
 import pathlib
 
 import ml_collections
@@ -63,8 +62,7 @@ def build_system(config, model=None, params: str | None = None):
       max_atom_tokens=config.atoms.max_atom_tokens, chunk_tokens=config.atoms.chunk_tokens, k=config.atoms.k,
       normalization=config.atoms.normalization, max_chunk_tokens=config.atoms.max_chunk_tokens,
       route_approx=bool(config.atoms.get("route_approx", False)),
-      route_score=config.atoms.get("route_score", "fused"), abstain=config.atoms.get("abstain", "evidence"),
-      abstain_margin=float(config.atoms.get("abstain_margin", float("nan"))))
+      route_score=config.atoms.get("route_score", "fused"), abstain=config.atoms.get("abstain", "evidence"))
   model = model or load_model(config)
   c = config.compiler
   try:
@@ -82,7 +80,7 @@ def build_system(config, model=None, params: str | None = None):
     meta = checkpoint.load_params((system.compiler, system.router), params)
     print(f"loaded trained compiler and router from {params} (step {meta.get('step')})")
     calibrated = (meta.get("abstention") or {}).get("margin")
-    if math.isnan(system.method.abstain_margin) and calibrated is not None:  # the export's calibration
+    if calibrated is not None:  # the evidence abstention's margin, calibrated at the end of training
       system.method = dataclasses.replace(system.method, abstain_margin=float(calibrated))
   return system
 

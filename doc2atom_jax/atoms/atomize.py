@@ -443,6 +443,27 @@ def _is_quantity(text: str) -> bool:
   return bool(_QUANTITY.search(text))
 
 
+_YEARISH = re.compile(r"(?<![\d.,])\d{3,4}(?![\d%])")
+
+
+def may_hold(text: str, atom_type: str) -> bool | None:
+  """Whether `text` could state a value of `atom_type` — a date or year for temporal (any 3-4 digit number
+  counts: a sentence's own type label may be another, "founded in 1871 by X" reads as temporal or relation), a
+  number or amount for quantity; None for the types words cannot check (a name, a definition)."""
+  if atom_type == "temporal":
+    return bool(_YEARISH.search(text)) or _is_temporal(text)
+  if atom_type == "quantity":  # years do not count ("born in 1943"), counts that look like years do ("1200 staff")
+    return _is_quantity("".join(text[a:b] for a, b in _gaps([m.span() for m in _YEAR.finditer(text)
+                                                             if _is_year(text, m)], len(text))))
+  return None
+
+
+def _gaps(spans: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:
+  """The stretches of [0, length) outside sorted, disjoint `spans`."""
+  edges = [0] + [x for span in spans for x in span] + [length]
+  return list(zip(edges[::2], edges[1::2]))
+
+
 def _is_relation(text: str) -> bool:
   """A relation phrase with a named entity (or a subject pronoun) before it and a named entity after it."""
   for m in _RELATION.finditer(text):

@@ -8,18 +8,17 @@ ranks by reciprocal-rank fusion of the dense and BM25 scores, atoms of the expec
 composition weights stay the dense scores' (normalized over the chosen atoms), as in training.
 
 Abstention reads the evidence, not a per-question prior: a question naming something the document never
-mentions, or whose expected type the document holds nothing of about what the question names
+mentions, or asking for a date or an amount where no sentence about what it names holds one
 (`lexical.unsupported`), is refused; otherwise the best atom's dense margin over the null atom decides,
 against a threshold calibrated on validation worlds (`calibrate_margin`). The null atom's adapter is composed
 only for a refusal, never mixed into an answer.
 """
 
 import dataclasses
-import math
 
 import numpy as np
 
-from doc2atom_jax.atoms import compose, lexical
+from doc2atom_jax.atoms import atomize, compose, lexical
 
 ROUTE_SCORES = ("dense", "fused")
 ABSTAIN = ("null", "evidence")
@@ -27,22 +26,25 @@ ABSTAIN = ("null", "evidence")
 
 @dataclasses.dataclass
 class Lexicon:
-  """The lexical view of a bank: BM25 over its atoms (pronoun atoms resolved), their types and the text."""
+  """The lexical view of a bank: BM25 over its atoms (pronoun atoms resolved), their types, the documents'
+  text and their sentences (pronouns resolved), which the abstention checks read."""
   bm25: lexical.BM25
   texts: list[str]
   types: list[str]
   document: str
+  sentences: list[str]
 
   @classmethod
   def of(cls, atoms, documents) -> "Lexicon":
     texts = lexical.resolved_texts([a.text for a in atoms])
-    return cls(lexical.BM25(texts), texts, [a.type for a in atoms], "\n".join(documents))
+    sentences = [s for d in documents for s in lexical.resolved_texts(
+        [d[a:b] for a, b in atomize.split_sentences(d)])]
+    return cls(lexical.BM25(texts), texts, [a.type for a in atoms], "\n".join(documents), sentences)
 
 
 def refuses(question: str, lexicon: Lexicon) -> bool:
-  """The lexical refusal: a name the document never mentions, or nothing of the expected type about it."""
-  return bool(lexical.absent_names(question, lexicon.document)) or lexical.unsupported(
-      question, lexicon.texts, lexicon.types)
+  """The lexical refusal: a name the documents never mention, or no date / amount about what it names."""
+  return bool(lexical.absent_names(question, lexicon.document)) or lexical.unsupported(question, lexicon.sentences)
 
 
 def fused_order(dense: np.ndarray, question: str, lexicon: Lexicon) -> np.ndarray:
@@ -76,7 +78,7 @@ def select(scores: np.ndarray, questions, lexicon: Lexicon, *, k: int, route_sco
     order = fused_order(dense, question, lexicon) if route_score == "fused" else np.argsort(-dense, kind="stable")
     top = order[:k]
     if abstain == "evidence":
-      refused[b] = refuses(question, lexicon) or (not math.isnan(margin) and gaps[b] < margin)
+      refused[b] = refuses(question, lexicon) or gaps[b] < margin
     else:  # v1: the null atom outranks every atom
       refused[b] = scores[b, -1] > dense[top[0]]
     if refused[b]:
@@ -91,6 +93,6 @@ def calibrate_margin(margin_values, false_refusal: float) -> float:
   """The threshold under which `false_refusal` of answerable questions' margins fall (those not already
   refused lexically): abstaining below it refuses about that share of what should be answered."""
   values = np.asarray(margin_values, np.float64)
-  if values.size == 0:
-    return float("nan")
+  if values.size == 0 or false_refusal <= 0:
+    return float("-inf")  # nothing to calibrate on, or no margin wanted: refuse by the lexical checks only
   return float(np.quantile(values, false_refusal))

@@ -42,7 +42,7 @@ class MethodConfig:
   route_approx: bool = False  # doc2atom's top-k by jax.lax.approx_max_k (router.top_k; approximate on TPU only)
   route_score: str = "fused"  # dense (the router alone) | fused (+ BM25 and answer type: atoms/fusion.py)
   abstain: str = "evidence"  # evidence (lexical + calibrated margin: atoms/fusion.py) | null (v1: null ranks first)
-  abstain_margin: float = float("nan")  # evidence: refuse below this dense margin over the null (nan: lexical only)
+  abstain_margin: float = float("-inf")  # evidence: refuse below this dense margin over the null (the export's)
 
   def __post_init__(self):
     if self.method not in METHODS:

@@ -215,7 +215,7 @@ def measure(system, *, documents: int, sizes: Sequence[int] = (8, 16, 64),
                                               disable=progress is None)):
     ranked[t, s].append(rank_document(system, runner.from_synthetic(doc, f"synthetic_{t}", t)))
   m = system.method
-  routing = f"{m.route_score}, abstain={m.abstain}" + ("" if math.isnan(m.abstain_margin) else
+  routing = f"{m.route_score}, abstain={m.abstain}" + ("" if math.isinf(m.abstain_margin) else
                                                        f" (margin {m.abstain_margin:.3g})")
   return [{"templates": t, "facts": s, "method": method, "documents": len(group),
            **({"routing": routing} if method == SYSTEM else {}), **tally(group, method)}

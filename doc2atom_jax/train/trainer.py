@@ -117,7 +117,7 @@ def _state_to_tree(params, opt_state, step, mesh):
 # resumes with them changed, and checkpoints written before a setting existed still match.
 HOW_NOT_WHAT = {"model": ("scan_layers", "attention_block", "remat"), "loss": ("vocab_chunk",),
                 "atoms": ("route_approx", "compose_form", "code_dtype", "key_dtype", "route_score", "abstain",
-                          "abstain_margin", "abstain_false_refusal")}
+                          "abstain_false_refusal")}
 
 
 def comparable_meta(run_meta: dict | None) -> dict | None:
