@@ -155,8 +155,9 @@ def training_table(training: Mapping[str, Mapping | None]) -> str:
     if t is None:
       rows.append([m, "not run", "", "", "", ""])
       continue
-    checks = ", ".join(f"{c['control']} ({c.get('metric', 'kl')}): {'pass' if c['passed'] else 'FAIL'} "
-                       f"({c.get('control_value', c.get('control_kl')):.3f})" for c in t["learning_check"])
+    checks = ", ".join(f"{c['control']}{'' if c.get('metric', 'kl') == 'kl' else ' (' + c['metric'] + ')'}: "
+                       f"{'pass' if c['passed'] else 'FAIL'} ({c.get('control_value', c.get('control_kl')):.3f})"
+                       for c in t["learning_check"])
     kl = "—" if t["heldout_kl"] is None else f"{t['heldout_kl']:.3f}"
     nll = "—" if t["heldout_nll"] is None else f"{t['heldout_nll']:.3f}"
     rows.append([m, str(t["steps"]), f"{t['train_seconds'] / 60:.1f}", kl, nll, checks or "—"])

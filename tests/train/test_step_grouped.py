@@ -53,7 +53,7 @@ def setup():
 
 def test_d2l_loss_and_gradients_grouped_equal_gather(setup):
   model, _, graphdef, params, batch = setup
-  d2l = step_lib.LossConfig(route=0.0, atom=0.0, null=0.0, k=2, routed=False)
+  d2l = step_lib.LossConfig(route=0.0, atom=0.0, null=0.0, k=2, routed=False, kd_tokens="all")  # a random teacher
   grad = jax.jit(jax.value_and_grad(step_lib.loss_fn, has_aux=True), static_argnames=("graphdef", "model_cfg",
                                                                                         "loss_cfg"))
   results = {}

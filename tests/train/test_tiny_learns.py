@@ -18,7 +18,7 @@ def heldout_losses(system, loss_cfg, batches):
   fn = jax.jit(lambda p, b: step_lib.loss_fn(p, graphdef, system.model.weights, b, model_cfg=system.model.config,
                                              loss_cfg=loss_cfg)[1])
   rows = [jax.device_get(fn(params, b)) for b in batches]
-  return {k: sum(float(r[k]) for r in rows) / len(rows) for k in ("loss", "kd", "route", "null")}
+  return {k: sum(float(r[k]) for r in rows) / len(rows) for k in ("loss", "ce", "route", "null")}
 
 
 def test_tiny_config_loss_falls_within_a_few_dozen_steps(tmp_path):
@@ -39,5 +39,6 @@ def test_tiny_config_loss_falls_within_a_few_dozen_steps(tmp_path):
                 run_meta={"test": "tiny learns"}, num_questions=config.data.questions_per_document)
   after = heldout_losses(system, loss_cfg, batches)
   print(f"\nheld-out before {before}\nheld-out after  {after}")
-  assert after["loss"] < 0.85 * before["loss"], (before, after)  # measured: 13.26 -> 10.35 (-22%)
-  assert after["kd"] < before["kd"] and after["null"] < before["null"], (before, after)
+  assert after["loss"] < 0.85 * before["loss"], (before, after)  # measured: 20.45 -> 16.26 (-20%)
+  # ce, not kd: a random model's teacher is almost never right, so kd (on the tokens it gets right) is ~0 here.
+  assert after["ce"] < before["ce"] and after["null"] < before["null"], (before, after)
