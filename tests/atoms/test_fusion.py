@@ -95,3 +95,22 @@ def test_bad_routing_settings_are_refused():
   with pytest.raises(UserError, match="abstain"):
     pipeline.MethodConfig(abstain="never")
   assert pipeline.MethodConfig(route_score="dense", abstain="null").v1_routing
+
+
+def test_exports_carry_the_calibrated_margin_and_older_ones_still_load(tmp_path):
+  """An export written before calibration existed (v1) loads and refuses by the lexical checks only; one with
+  the calibration's metadata sets the margin."""
+  from configs import tiny
+  from doc2atom_jax import checkpoint
+  from doc2atom_jax import system as system_lib
+
+  c = tiny.get_config()
+  system = system_lib.build_system(c)
+  run = {"atoms": {"method": "doc2atom"}, "model": {"name": system.model.name}}
+  checkpoint.export_params((system.compiler, system.router), tmp_path / "v1", {"run": run, "step": 1})
+  checkpoint.export_params((system.compiler, system.router), tmp_path / "v2",
+                           {"run": run, "step": 1, "abstention": {"margin": 0.25, "false_refusal": 0.02}})
+  for name, margin in (("v1", float("-inf")), ("v2", 0.25)):
+    c.unlock()
+    c.params = str(tmp_path / name)
+    assert system_lib.build_system(c, model=system.model).method.abstain_margin == margin
