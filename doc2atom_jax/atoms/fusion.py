@@ -3,7 +3,7 @@ abstention that reads the document (DESIGN §2.4).
 
 The learned router ranks atoms by `q·k`; alone, with a 135M model's states, it confuses atoms that share a
 subject (every fact about "Sunrenith" looks alike). Words tell them apart: BM25 over the atoms' words finds
-the name, the question's expected answer type ("When ..." -> temporal) finds the attribute. `fused_select`
+the name, the question's expected answer type ("When ..." -> temporal) finds the attribute. `select`
 ranks by reciprocal-rank fusion of the dense and BM25 scores, atoms of the expected type first; the
 composition weights stay the dense scores' (normalized over the chosen atoms), as in training.
 
@@ -75,15 +75,15 @@ def select(scores: np.ndarray, questions, lexicon: Lexicon, *, k: int, route_sco
   gaps = margins(scores)
   for b, question in enumerate(questions):
     dense = scores[b, :-1]
-    order = fused_order(dense, question, lexicon) if route_score == "fused" else np.argsort(-dense, kind="stable")
-    top = order[:k]
     if abstain == "evidence":
-      refused[b] = refuses(question, lexicon) or gaps[b] < margin
+      refused[b] = gaps[b] < margin or refuses(question, lexicon)
     else:  # v1: the null atom outranks every atom
-      refused[b] = scores[b, -1] > dense[top[0]]
+      refused[b] = scores[b, -1] > np.max(dense)
     if refused[b]:
       indices[b, 0], weights[b, 0] = compose.NULL_INDEX, 1.0
       continue
+    order = fused_order(dense, question, lexicon) if route_score == "fused" else np.argsort(-dense, kind="stable")
+    top = order[:k]
     indices[b] = top
     weights[b] = np.asarray(normalize(dense[top][None]))[0]
   return indices, weights, refused

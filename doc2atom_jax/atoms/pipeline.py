@@ -154,10 +154,10 @@ class AtomSystem:
       rows = np.arange(bank.doc_offsets[j], bank.doc_offsets[j + 1])
       return (np.broadcast_to(rows, (batch, len(rows))), np.ones((batch, len(rows)), np.float32),
               np.zeros(batch, bool))
-    codes, keys, mask = bank.padded()
     states, q_own = self.question_states(questions)
     m = self.method
     if m.v1_routing:
+      _, keys, mask = bank.padded()
       indices, weights, abstain = _route(nnx.split(self.router), states, q_own, jnp.asarray(keys), jnp.asarray(mask),
                                          self.compiler.null()[1], k=m.k, normalization=m.normalization,
                                          approximate=m.route_approx)
