@@ -1,5 +1,6 @@
-"""Answer-text rules shared by the data readers and the metrics: SQuAD normalization, and what counts as a
-refusal or as an unanswerable question (no references, or only refusals like the synthetic "unknown").
+"""Answer-text rules shared by the data readers and the metrics: SQuAD normalization, what counts as a
+refusal or as an unanswerable question (no references, or only refusals like the synthetic "unknown"), and
+the answer category an evaluation splits its tables by (`answer_category`).
 
 They live with the data because the readers need them to label questions (`qa.QAExample.answerable`,
 evidence matching, self-generated targets); `eval/metrics.py` scores with them.
@@ -48,3 +49,52 @@ def is_refusal(text: str) -> bool:
 def is_unanswerable(references: Sequence[str]) -> bool:
   """No references, or only refusals ("unknown"): declining is the right answer."""
   return all(is_refusal(ref) for ref in references)
+
+
+# Answer categories (DESIGN §8, §14): metrics are split by what kind of string the gold answer is, because a
+# closed-pool value ("architect") can be learned in training, a generated name of an unseen world never can.
+CATEGORIES = ("closed_pool", "number", "quantity", "name", "other")
+CLOSED_POOL, NUMBER, QUANTITY, NAME, OTHER = CATEGORIES
+
+_NUMBER = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?: (?:hundred|thousand|million|billion|trillion))?"
+_UNITS = frozenset(
+    "m metre metres meter meters km kilometre kilometres kilometer kilometers cm centimetre centimetres centimeter "
+    "centimeters mm millimetre millimetres millimeter millimeters mile miles mi ft foot feet inch inches yard "
+    "yards yd kg kilogram kilograms g gram grams mg t tonne tonnes ton tons lb lbs pound pounds oz ounce ounces l "
+    "litre litres liter liters ml gallon gallons percent % degree degrees °c °f ° kelvin k hectare "
+    "hectares acre acres year years month months week weeks day days hour hours h minute minutes min second "
+    "seconds s sec km/h mph knots dollar dollars usd euro euros eur yen cent cents pence £ kw mw w watts volts v "
+    "hz khz mhz ghz calories kcal bytes kb mb gb tb km2 m2 sq square cubic".split())
+_NUMBER_ONLY = re.compile(rf"^{_NUMBER}$")
+_NUMBER_THEN = re.compile(rf"^(?:[$£€¥] ?)?({_NUMBER}) ?(\S*)")
+
+
+def _text_category(answer: str) -> str:
+  """Real QA, where no generator says how the answer was made: digits alone are a number, digits followed by a
+  unit word (or "%", or after a currency sign) a quantity, anything else other."""
+  text = answer.strip().rstrip(".").strip()
+  if _NUMBER_ONLY.match(text):
+    return NUMBER
+  m = _NUMBER_THEN.match(text)
+  if m is None:
+    return OTHER
+  unit = m.group(2).lower().rstrip(".,;")
+  return QUANTITY if unit in _UNITS or (text[:1] in "$£€¥" and not unit) else OTHER
+
+
+def answer_category(references: Sequence[str] | str, known: str = "") -> str:
+  """The answer category of a question (one of CATEGORIES), or "" for an unanswerable one (reported by refusal).
+
+  `known`: what the question's generator recorded (synthetic worlds know how each value was made: a name,
+  a closed-pool pick, a number, a quantity) and is returned as is; without it, the text rule of
+  `_text_category` on the first reference (the one the evaluator scores).
+  """
+  if isinstance(references, str):
+    references = (references,)
+  if is_unanswerable(references):
+    return ""
+  if known:
+    if known not in CATEGORIES:
+      raise ValueError(f"unknown answer category {known!r}; valid: {', '.join(CATEGORIES)}")
+    return known
+  return _text_category(references[0])

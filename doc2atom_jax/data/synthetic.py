@@ -11,7 +11,9 @@ born?"), and out-of-scope (an entity or attribute the document does not have; an
 carries an answer prefix (DESIGN §2.7), the start of the answer in the words a document would use: the stem of
 the fact's statement template up to its value ("Sunrenith was first settled in" + " 1643"); for two-hop with
 the via phrase as subject ("The founder of the Tarnow Institute was born in"), and for out-of-scope in the
-same forms, so the prefix does not tell that the question cannot be answered.
+same forms, so the prefix does not tell that the question cannot be answered. Each answerable question also
+carries its answer category (`answers.CATEGORIES`), known from how the value was made: an entity is a
+generated name, a profession or field a closed-pool pick, a year or count a number, a length a quantity.
 
 Held-out templates (TEMPLATES): every attribute also has statement templates, question phrasings and via
 phrases in other sentence shapes that only `templates="unseen"` uses, to evaluate documents and questions
@@ -38,6 +40,7 @@ import numpy as np
 
 from doc2atom_jax import fileio
 from doc2atom_jax.atoms import atomize
+from doc2atom_jax.data import answers
 from doc2atom_jax.errors import UserError
 
 SPLITS = ("train", "validation", "test")
@@ -73,6 +76,7 @@ class Question:
   subject: str = ""  # the entity asked about (for two-hop, the one the question names)
   attribute: str = ""  # for two-hop "relation>attribute", e.g. "founder>birth_year"
   answer_prefix: str = ""  # the start of the answer, prefilled in the assistant turn: "Sunrenith was first settled in"
+  answer_category: str = ""  # answers.CATEGORIES, from how the answer's value was made; "" for out-of-scope
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,18 +200,21 @@ class _Entity:
 
 @dataclasses.dataclass(frozen=True)
 class _Value:
-  """An attribute value: the short answer, how the text mentions it, and the entity it names (if any)."""
+  """An attribute value: the short answer, how the text mentions it, the entity it names (if any), and its
+  answer category (`answers.CATEGORIES`), known here from how the value was made."""
   answer: str
   mention: str
   entity: _Entity | None = None
+  category: str = ""
 
 
 def _entity_value(entity: _Entity) -> _Value:
-  return _Value(entity.name, entity.mention, entity)
+  """Every entity value is a generated name (a person, an organization, a prize, a language, ...)."""
+  return _Value(entity.name, entity.mention, entity, answers.NAME)
 
 
-def _literal(text: str) -> _Value:
-  return _Value(text, text)
+def _literal(text: str, category: str) -> _Value:
+  return _Value(text, text, category=category)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -542,32 +549,32 @@ def _literal_values(rng: np.random.Generator, namer: _Namer, world: _World) -> N
 
 
 def _person_literals(rng: np.random.Generator, namer: _Namer, e: _Entity) -> dict[str, _Value]:
-  return {"birth_year": _literal(str(int(rng.integers(1900, 1986)))),
-          "profession": _literal(_pick(rng, _PROFESSIONS)),
+  return {"birth_year": _literal(str(int(rng.integers(1900, 1986))), answers.NUMBER),
+          "profession": _literal(_pick(rng, _PROFESSIONS), answers.CLOSED_POOL),
           "award": _entity_value(_new_entity(rng, namer, "prize")),
           "language": _entity_value(_new_entity(rng, namer, "language")),
-          "height": _literal(_metres(rng.uniform(1.52, 1.98), decimals=2))}
+          "height": _literal(_metres(rng.uniform(1.52, 1.98), decimals=2), answers.QUANTITY)}
 
 
 def _org_literals(rng: np.random.Generator, namer: _Namer, e: _Entity) -> dict[str, _Value]:
-  return {"employees": _literal(f"{_round_count(rng, 12, 25000):,}"),
-          "field": _literal(_pick(rng, _FIELDS)),
+  return {"employees": _literal(f"{_round_count(rng, 12, 25000):,}", answers.NUMBER),
+          "field": _literal(_pick(rng, _FIELDS), answers.CLOSED_POOL),
           "event": _entity_value(_new_entity(rng, namer, "event"))}
 
 
 def _city_literals(rng: np.random.Generator, namer: _Namer, e: _Entity) -> dict[str, _Value]:
   return {"country": _entity_value(_new_entity(rng, namer, "country")),
-          "population": _literal(f"{_round_count(rng, 2000, 900000):,}"),
-          "founded_year": _literal(str(int(rng.integers(1050, 1851)))),
-          "elevation": _literal(f"{_round_count(rng, 5, 2400):,} metres"),
+          "population": _literal(f"{_round_count(rng, 2000, 900000):,}", answers.NUMBER),
+          "founded_year": _literal(str(int(rng.integers(1050, 1851))), answers.NUMBER),
+          "elevation": _literal(f"{_round_count(rng, 5, 2400):,} metres", answers.QUANTITY),
           "river": _entity_value(_new_entity(rng, namer, "river"))}
 
 
 def _artifact_literals(rng: np.random.Generator, namer: _Namer, e: _Entity) -> dict[str, _Value]:
   categories, lengths, (light, heavy) = _ARTIFACTS[e.noun.capitalize()]
-  return {"category": _literal(_pick(rng, categories)),
-          "length": _literal(_metres(rng.uniform(*lengths))),
-          "weight": _literal(_kilograms(float(np.exp(rng.uniform(np.log(light), np.log(heavy))))))}
+  return {"category": _literal(_pick(rng, categories), answers.CLOSED_POOL),
+          "length": _literal(_metres(rng.uniform(*lengths)), answers.QUANTITY),
+          "weight": _literal(_kilograms(float(np.exp(rng.uniform(np.log(light), np.log(heavy))))), answers.QUANTITY)}
 
 
 _LITERALS = {"person": _person_literals, "org": _org_literals, "city": _city_literals,
@@ -652,14 +659,14 @@ def _dependent_years(rng: np.random.Generator, world: _World) -> None:
   for e in world.entities:
     if e.kind == "org":
       world.founded[e.name] = world.births[world.values[(e.name, "founder")].answer] + int(rng.integers(25, 41))
-      world.values[(e.name, "founded_year")] = _literal(str(world.founded[e.name]))
+      world.values[(e.name, "founded_year")] = _literal(str(world.founded[e.name]), answers.NUMBER)
   for e in world.entities:
     if e.kind == "artifact":
       maker = world.values[(e.name, "maker")].answer
       founded = world.founded.setdefault(maker, int(rng.integers(1880, 2000)))  # a value-only maker
       designed = world.births[world.values[(e.name, "designer")].answer] + int(rng.integers(25, 51))
       year = min(max(designed, founded + int(rng.integers(1, 16))), 2024)
-      world.values[(e.name, "completed_year")] = _literal(str(year))
+      world.values[(e.name, "completed_year")] = _literal(str(year), answers.NUMBER)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -915,13 +922,14 @@ def _phrase(qid: str, target: _Target, p: int, facts: Sequence[Fact], subjects: 
     text = _ask(subject, first.attribute, subject.mention, p, templates)
     prefix = _fact_prefix(first, subject.mention, subjects, world, templates)
     return Question(qid, text, first.value, target.kind, target.evidence, types, p, first.subject, first.attribute,
-                    prefix)
+                    prefix, world.values[(first.subject, first.attribute)].category)
   via = _ATTRIBUTES[(subject.kind, first.attribute)].forms(templates)[2]
   bridge = subjects[last.subject]
   phrase = via[p % len(via)].format(s=subject.mention)
   text = _ask(bridge, last.attribute, phrase, p, templates)
   return Question(qid, text, last.value, target.kind, target.evidence, types, p, first.subject,
-                  f"{first.attribute}>{last.attribute}", _fact_prefix(last, phrase, subjects, world, templates))
+                  f"{first.attribute}>{last.attribute}", _fact_prefix(last, phrase, subjects, world, templates),
+                  world.values[(last.subject, last.attribute)].category)  # a two-hop answer is its last fact's
 
 
 def _ask(entity: _Entity, attribute: str, phrase: str, p: int, templates: str = "seen") -> str:
