@@ -8,6 +8,8 @@ records, so aggregation can be re-run on a saved `results.json` without a model 
   ones, so a method that always declines shows 1.0 in both.
 - Confidence intervals are percentile bootstraps that resample *documents* by default: the questions of one
   document share its text and its compiled atoms, so resampling questions would understate the spread.
+- Group keys include the answer category (closed-pool value, number, quantity, generated name, other) and the
+  question kind: a mean over all answers hides that names never seen in training dominate unseen worlds (§14).
 - Routing precision/recall@k are over answerable questions with evidence labels; a row reports the share of
   answerable questions that have labels (`label_coverage`) so a thinly labelled dataset is visible.
 - `gates` says where no claim may be made: where the in-context teacher is not clearly better than the
@@ -25,6 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from doc2atom_jax.data import answers as answers_lib
 from doc2atom_jax.errors import UserError
 from doc2atom_jax.eval import metrics as metrics_lib
 from doc2atom_jax.eval.metrics import precision_at_k, recall_at_k  # noqa: F401  (re-exported)
@@ -32,10 +35,12 @@ from doc2atom_jax.eval.metrics import precision_at_k, recall_at_k  # noqa: F401 
 KINDS = ("single", "two_hop", "out_of_scope", "answerable", "unanswerable")
 UNANSWERABLE_KINDS = frozenset({"out_of_scope", "unanswerable"})
 WORLDS = ("seen", "unseen")
+TEMPLATES = ("seen", "unseen")  # synthetic.TEMPLATES: training's statement/question wording, or held-out wording
+CATEGORIES = answers_lib.CATEGORIES  # answer categories of answerable questions
 METRICS = ("nll", "kl", "tf_em", "f1", "em", "rouge_l")  # over answerable questions
 LOWER_IS_BETTER = frozenset({"nll", "kl"})
 RATES = ("refusal", "false_refusal")  # over unanswerable / answerable questions
-GROUP_KEYS = ("method", "dataset", "kind", "world", "length", "facts")
+GROUP_KEYS = ("method", "dataset", "kind", "category", "world", "templates", "length", "facts")
 BINNED_KEYS = ("length", "facts")  # binned by edges: length on `doc_tokens`, facts on `facts`
 DEFAULT_BINS = {
     "length": (0, 256, 512, 1024, 2048, 4096, math.inf),
@@ -61,9 +66,11 @@ class QuestionRecord:
   """One method's result on one question: what it said, the continuous scores, and the routing.
 
   `nll`: teacher-forced gold-answer NLL per token; `kl`: top-K KL to the in-context teacher per token; `tf_em`:
-  1.0 when every gold token is the model's argmax after the answer prefix (None where not measured). `routed`: atom indices the router chose, in rank order (None: no router). `evidence`:
-  gold evidence atom indices (None: unlabelled). `abstained`: the method declined by itself (e.g. the
-  router's null atom won), which counts as a refusal whatever `prediction` says.
+  1.0 when every gold token is the model's argmax after the answer prefix (None where not measured). `routed`:
+  atom indices the router chose, in rank order (None: no router). `evidence`: gold evidence atom indices (None:
+  unlabelled). `abstained`: the method declined by itself (e.g. the router's null atom won), which counts as a
+  refusal whatever `prediction` says. `category`: the answer category (CATEGORIES) of an answerable question
+  (None: unanswerable, or a record written before categories). `templates`: a synthetic document's wording.
   """
   method: str
   dataset: str
@@ -82,15 +89,24 @@ class QuestionRecord:
   routed: tuple[int, ...] | None = None
   evidence: tuple[int, ...] | None = None
   abstained: bool = False
+  category: str | None = None
+  templates: str | None = None
 
   def __post_init__(self):
     where = f"record {self.method}/{self.dataset}/{self.qid}"
     object.__setattr__(self, "answerable", bool(self.answerable))
     object.__setattr__(self, "abstained", bool(self.abstained))
+    object.__setattr__(self, "category", self.category or None)
     if self.kind not in KINDS:
       raise UserError(f"{where}: kind {self.kind!r} is not one of {KINDS}")
     if self.world not in (None, *WORLDS):
       raise UserError(f"{where}: world {self.world!r} is not one of {WORLDS} or null")
+    if self.templates not in (None, *TEMPLATES):
+      raise UserError(f"{where}: templates {self.templates!r} is not one of {TEMPLATES} or null")
+    if self.category not in (None, *CATEGORIES):
+      raise UserError(f"{where}: category {self.category!r} is not one of {CATEGORIES} or null")
+    if self.category and not self.answerable:
+      raise UserError(f"{where}: an unanswerable question has no answer category (got {self.category!r})")
     if self.answerable == (self.kind in UNANSWERABLE_KINDS):
       raise UserError(f"{where}: answerable={self.answerable} contradicts kind {self.kind!r}")
     if isinstance(self.references, str):
@@ -255,6 +271,10 @@ def _group_value(record: QuestionRecord, key: str, bins: Mapping) -> tuple[objec
     return KINDS.index(value), value
   if key == "world":
     return WORLDS.index(value), value
+  if key == "templates":
+    return TEMPLATES.index(value), value
+  if key == "category":
+    return CATEGORIES.index(value), value
   return None, value  # method, dataset: sorted by first appearance, filled in by the caller
 
 
@@ -326,8 +346,8 @@ def aggregate(records: Iterable[QuestionRecord], *, group_by: Sequence[str] = ("
   metric {"mean", "lo", "hi", "n"} over answerable questions; "refusal" (over unanswerables) and
   "false_refusal" (over answerables) alike; and "routing": {"k", "n_labelled", "label_coverage",
   "precision@k", "recall@k" for each k}. `bins` overrides DEFAULT_BINS edges ("length" bins doc_tokens,
-  "facts" bins facts per document; bins are [lo, hi)). Records without a value for a group key (facts or
-  world outside the synthetic data) are left out of that table.
+  "facts" bins facts per document; bins are [lo, hi)). Records without a value for a group key (facts, world
+  or templates outside the synthetic data, category of an unanswerable question) are left out of that table.
   """
   group_by = _check_group_by(group_by)
   metrics = tuple(check_metric(m) for m in metrics)

@@ -34,7 +34,22 @@ TABLES = {
     "by_length": (("dataset", "length", "method"), "By document length (tokens)"),
     "by_facts": (("dataset", "facts", "method"), "By facts per document"),
     "by_kind": (("dataset", "kind", "method"), "By question kind"),
+    "by_category": (("dataset", "category", "method"), "By answer category"),
     "by_world": (("dataset", "world", "method"), "By world (seen / unseen during training)"),
+    "by_templates": (("dataset", "world", "templates", "method"),
+                     "By templates (synthetic worlds written in training's wording / in held-out wording)"),
+}
+# Tables whose rows are questions of one sort rather than bins of documents: every answer metric, as the main table.
+ANSWER_TABLES = ("by_kind", "by_category", "by_templates")
+NOTES = {
+    "by_category": "Answerable questions by what the gold answer is: `closed_pool` (a value from a fixed list that "
+                   "training uses too: professions, fields, kinds of artifact), `number` (years, counts), "
+                   "`quantity` (a number with a unit), `name` (a generated name; in unseen worlds one never seen "
+                   "in training), `other` (real QA answers that fit none). Real QA is classified by a text rule, "
+                   "synthetic worlds by how the generator made the value; out-of-scope questions are under refusal.",
+    "by_templates": "synthetic_unseen and synthetic_unseen_templates are the same unseen worlds with the same facts "
+                    "and questions; only the wording differs (`synthetic.TEMPLATES`): a gap between their rows is "
+                    "what training's sentence shapes are worth, apart from the world being new.",
 }
 COST_KEYS = ("bytes_per_document", "internalize_seconds", "answer_seconds", "latency_by_length")
 LABELS = {"nll": "NLL/token", "kl": "KL/token", "tf_em": "teacher-forced EM", "f1": "F1", "em": "EM", "rouge_l": "ROUGE-L",
@@ -150,14 +165,18 @@ def _routing_cell(row: Mapping, key: str, hidden: set) -> str:
   return fmt_stat(row["routing"].get(key))
 
 
-def _metric_columns(primary: str, hidden: set, k: int) -> list[tuple[str, Callable]]:
-  """The main table's columns after the group keys: primary, the other continuous metric, answers, rates."""
+def _answer_columns(primary: str, answers: Sequence[str] = ("tf_em", "f1", "em", "rouge_l"),
+                    rates: Sequence[str] = agg.RATES) -> list[tuple[str, Callable]]:
+  """Primary, the other continuous metric, the answer metrics, the refusal rates."""
   continuous = [primary] + [m for m in ("nll", "kl") if m != primary]
   cols = [(LABELS[m], lambda r, m=m: fmt_stat(r.get(m))) for m in continuous]
-  cols += [(LABELS[m], lambda r, m=m: fmt_stat(r.get(m))) for m in ("f1", "em", "rouge_l") if m != primary]
-  cols += [(LABELS[m], lambda r, m=m: fmt_stat(r[m], with_n=True)) for m in agg.RATES]
-  cols.append((f"routing p@{k}", lambda r: _routing_cell(r, f"precision@{k}", hidden)))
-  return cols
+  cols += [(LABELS[m], lambda r, m=m: fmt_stat(r.get(m))) for m in answers if m != primary]
+  return cols + [(LABELS[m], lambda r, m=m: fmt_stat(r[m], with_n=True)) for m in rates]
+
+
+def _metric_columns(primary: str, hidden: set, k: int) -> list[tuple[str, Callable]]:
+  """The main table's columns after the group keys: the answer columns, then routing precision@k."""
+  return [*_answer_columns(primary), (f"routing p@{k}", lambda r: _routing_cell(r, f"precision@{k}", hidden))]
 
 
 def _bin_columns(primary: str) -> list[tuple[str, Callable]]:
@@ -225,11 +244,16 @@ def render_markdown(tables: Mapping[str, list[dict]], flags: Sequence[Mapping], 
   main_cols = _metric_columns(primary, hidden, routing_k[0])
   for name, (group_by, title) in TABLES.items():
     rows = tables[name]
-    out += [f"## {title}", ""]
+    out += [f"## {title}", ""] + ([NOTES[name], ""] if name in NOTES else [])
     if not rows:
       out += ["No records carry this field.", ""]
       continue
-    cols = main_cols if name in ("by_dataset", "overall") else _bin_columns(primary)
+    if name in ("by_dataset", "overall"):
+      cols = main_cols
+    elif name in ANSWER_TABLES:  # categories are of answerable questions only: no refusal column
+      cols = _answer_columns(primary, ("tf_em", "f1", "em"), agg.RATES[1:] if name == "by_category" else agg.RATES)
+    else:
+      cols = _bin_columns(primary)
     voided = {_cell_key(f["cell"]) for f in flags if f.get("table") == name}
     if voided:
       cols = [*cols, ("gate", lambda r, voided=voided: "no claim" if _cell_key(r) in voided else "")]

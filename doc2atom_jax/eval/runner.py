@@ -22,7 +22,9 @@ answerable questions the teacher-forced NLL of the first reference and the top-K
 on its tokens. The teacher's top-K comes from in_context's own scoring pass when in_context runs (the same
 prompt and packing as `teacher.topk_on_answers`), else from the on-disk teacher cache. Routing is over the
 document's own atoms. Evidence labels: synthetic facts map to the atoms their spans overlap; real QA gets the
-one atom holding the answer (`data/evidence.py`) or no label; every method's record carries the same labels.
+one atom holding the answer (`data/evidence.py`) or no label; every method's record carries the same labels,
+the question's answer category (`answers.answer_category`: the generator's for synthetic worlds, a text rule for
+real QA) and, for synthetic worlds, the templates the document is written in.
 
 Shapes: a document's questions go in batches padded to a power of two (at most `batch_size`), prompts to
 `shapes.length_bucket`s (four per octave), d2l adapters to power-of-two atom counts, so the jitted forward and
@@ -52,6 +54,7 @@ import tqdm
 
 from doc2atom_jax import fileio, shapes
 from doc2atom_jax import system as system_lib
+from doc2atom_jax.data import answers as answers_lib
 from doc2atom_jax.data import evidence as evidence_lib
 from doc2atom_jax.data import prompts, qa, synthetic
 from doc2atom_jax.errors import UserError
@@ -67,7 +70,10 @@ METHODS = ("no_context", "in_context", "in_context_trunc", "rag_atoms", "doc2ato
 TRAINED_ELSEWHERE = ("d2l", "d2l_atom")  # from their own export (`eval.exports`)
 CAPACITY = ("capacity_atom", "capacity_doc")  # fitted per batch of questions: no bank, no timed answer
 ATOM_METHODS = ("rag_atoms", "doc2atom", "doc2atom_oracle")  # need the main system's compiled document
-SYNTHETIC = {"synthetic_unseen": "unseen", "synthetic_seen": "seen"}
+# Synthetic datasets: name -> (world, templates). synthetic_unseen_templates holds synthetic_unseen's worlds (the
+# same facts and questions) written and asked in the held-out templates, so wording and worlds are told apart.
+SYNTHETIC = {"synthetic_unseen": ("unseen", "seen"), "synthetic_unseen_templates": ("unseen", "unseen"),
+             "synthetic_seen": ("seen", "seen")}
 QUESTION_RESERVE = 256  # tokens kept for the template, the question and the scored answer beside a document
 
 
@@ -86,6 +92,7 @@ class EvalQuestion:
   kind: str  # one of aggregate.KINDS
   fact_evidence: tuple[int, ...] = ()  # synthetic: evidence fact indices (bridge first)
   answer_prefix: str = ""  # prefilled in the assistant turn for every method
+  category: str = ""  # answers.CATEGORIES; "" for unanswerable questions
 
   @property
   def answerable(self) -> bool:
@@ -101,12 +108,19 @@ class EvalDocument:
   facts: int | None = None  # synthetic: facts in the document
   world: str | None = None  # synthetic: "seen" / "unseen"
   fact_spans: tuple[tuple[int, int], ...] | None = None  # synthetic: character span of each fact
+  templates: str | None = None  # synthetic: the statement/question templates it is written in (synthetic.TEMPLATES)
 
 
 def from_synthetic(doc: synthetic.SyntheticDocument, dataset: str, world: str) -> EvalDocument:
-  questions = tuple(EvalQuestion(q.qid, q.question, (q.answer,), q.kind, tuple(q.evidence), q.answer_prefix)
+  """The generator's answer category where it recorded one (older documents: the text rule); the templates from
+  the id, which `synthetic.document` suffixes with the held-out templates' name."""
+  templates = next((t for t in synthetic.TEMPLATES if t != "seen" and doc.doc_id.endswith(f"-{t}")), "seen")
+  questions = tuple(EvalQuestion(q.qid, q.question, (q.answer,), q.kind, tuple(q.evidence), q.answer_prefix,
+                                 answers_lib.answer_category((q.answer,), q.answer_category)
+                                 if q.kind not in agg.UNANSWERABLE_KINDS else "")
                     for q in doc.questions)
-  return EvalDocument(dataset, doc.doc_id, doc.text, questions, len(doc.facts), world, tuple(doc.fact_spans))
+  return EvalDocument(dataset, doc.doc_id, doc.text, questions, len(doc.facts), world, tuple(doc.fact_spans),
+                      templates)
 
 
 def _qa_kind(example: qa.QAExample) -> str:
@@ -119,7 +133,8 @@ def _qa_kind(example: qa.QAExample) -> str:
 def from_qa(examples: Sequence[qa.QAExample], dataset: str) -> list[EvalDocument]:
   """QA examples -> one document per context, questions in file order."""
   return [EvalDocument(dataset, doc_id, group[0].context,
-                       tuple(EvalQuestion(ex.id, ex.question, ex.answers, _qa_kind(ex), answer_prefix=ex.answer_prefix)
+                       tuple(EvalQuestion(ex.id, ex.question, ex.answers, _qa_kind(ex), answer_prefix=ex.answer_prefix,
+                                          category=answers_lib.answer_category(ex.answers) if ex.answerable else "")
                              for ex in group))
           for doc_id, group in qa.group_by_document(examples).items()]
 
@@ -133,12 +148,15 @@ def qa_documents(entry: str) -> list[EvalDocument]:
   return from_qa(examples, entry)
 
 
-def unseen_synthetic(count: int, sizes: Sequence[int], *, seed: int, questions: int) -> list[EvalDocument]:
+def unseen_synthetic(count: int, sizes: Sequence[int], *, seed: int, questions: int, templates: str = "seen"
+                     ) -> list[EvalDocument]:
   """`count` test-split worlds (never trained on, never used for model selection) per facts size; each size
-  takes its own indices, so every document is its own world with its own id."""
+  takes its own indices, so every document is its own world with its own id. templates="unseen": the same
+  worlds, facts and questions written in the held-out templates (dataset synthetic_unseen_templates)."""
+  dataset = "synthetic_unseen" if templates == "seen" else "synthetic_unseen_templates"
   return [from_synthetic(synthetic.document("test", s * count + i, seed=seed, facts_per_document=int(n),
-                                            questions_per_document=questions, paraphrase=2), "synthetic_unseen",
-                         "unseen") for s, n in enumerate(sizes) for i in range(count)]
+                                            questions_per_document=questions, paraphrase=2, templates=templates),
+                         dataset, "unseen") for s, n in enumerate(sizes) for i in range(count)]
 
 
 _SYNTHETIC_ID = re.compile(r"^synthetic-train-(?P<seed>\d+)-(?P<index>\d+)$")
@@ -520,7 +538,8 @@ def _record(method: str, run: DocumentRun, i: int, r: int, prediction: str, scor
       prediction=prediction, references=q.references, nll=score(nll), kl=score(kl), tf_em=score(tf_em),
       doc_tokens=run.doc_tokens,
       facts=doc.facts, world=doc.world, routed=inputs.routed[r] if inputs.routed is not None else None,
-      evidence=run.evidence[i], abstained=bool(inputs.abstained[r]) if inputs.abstained is not None else False)
+      evidence=run.evidence[i], abstained=bool(inputs.abstained[r]) if inputs.abstained is not None else False,
+      category=q.category or None, templates=doc.templates)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -559,15 +578,17 @@ def load_datasets(names: Sequence[str], model, settings: Settings, *, max_questi
                   facts_per_document: Sequence[int], questions_per_document: int, seed: int,
                   run: Mapping | None = None, trained_steps: int = 0):
   """name -> the documents evaluated, and name -> Coverage. `max_questions` caps each QA dataset; synthetic
-  sets take `synthetic_documents` per facts size (unseen) or that many in all per size count (seen)."""
+  sets take `synthetic_documents` per facts size (unseen, and the same worlds in held-out templates) or that many
+  in all per size count (seen)."""
   limit = document_limit(model, settings)
   fits = lambda text: costs_lib.count_tokens(model, text) <= limit
   datasets, coverage = {}, {}
   for name in dict.fromkeys(names):
     cov = coverage[name] = Coverage()
     cap = None
-    if name == "synthetic_unseen":
-      docs = unseen_synthetic(synthetic_documents, facts_per_document, seed=seed, questions=questions_per_document)
+    if name in ("synthetic_unseen", "synthetic_unseen_templates"):
+      docs = unseen_synthetic(synthetic_documents, facts_per_document, seed=seed, questions=questions_per_document,
+                              templates=SYNTHETIC[name][1])
     elif name == "synthetic_seen":
       docs = [] if run is None else seen_synthetic(run, trained_steps, synthetic_documents * len(facts_per_document),
                                                    model.tokenizer)

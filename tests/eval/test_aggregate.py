@@ -110,6 +110,9 @@ def test_unanswerable_scores_the_refusal():
     ({"references": "Paris"}, "list of strings"),
     ({"references": []}, "at least one reference"),
     ({"evidence": ["a"]}, "atom indices"),
+    ({"category": "date"}, "category"),
+    ({"templates": "held_out"}, "templates"),
+    ({"kind": "out_of_scope", "references": ["unknown"], "category": "name"}, "no answer category"),
 ])
 def test_bad_records_are_user_errors(kw, match):
   with pytest.raises(UserError, match=match):
@@ -203,6 +206,54 @@ def test_kind_and_world_groups_in_natural_order():
   assert [r["kind"] for r in agg.aggregate(records, group_by="kind")] == ["single", "two_hop", "out_of_scope"]
   rows = agg.aggregate(records, group_by=("world",))
   assert [(r["world"], r["n"]) for r in rows] == [("seen", 1), ("unseen", 2)]
+
+
+def test_records_written_before_categories_still_load():
+  obj = rec().to_json()
+  del obj["category"], obj["templates"]
+  assert QuestionRecord.from_json(obj) == rec()
+  assert rec(category="").category is None  # "" (an unanswerable question's) is no category
+
+
+def _categorized():
+  """Method "a" on two documents: two names, a number, a quantity and an out-of-scope question; means by hand."""
+  return [
+      rec("q0", method="a", prediction="Velkor Amsten", references=["Velkor Amsten"], nll=1.0, kl=0.2, tf_em=1.0,
+          category="name"),  # f1 1, em 1
+      rec("q1", method="a", kind="two_hop", prediction="Tarnow", references=["Tarnow Institute"], nll=3.0, kl=0.6,
+          tf_em=0.0, category="name"),  # f1 2/3, em 0
+      rec("q2", method="a", doc_id="doc1", prediction="1643", references=["1643"], nll=0.5, kl=0.1, tf_em=1.0,
+          category="number"),
+      rec("q3", method="a", doc_id="doc1", kind="two_hop", prediction="2 metres", references=["61 centimetres"],
+          nll=4.0, kl=1.0, tf_em=0.0, category="quantity"),  # f1 0
+      rec("q4", method="a", doc_id="doc1", kind="out_of_scope", prediction="unknown", references=["unknown"]),
+  ]
+
+
+def test_per_category_and_per_kind_means_by_hand():
+  rows = agg.aggregate(_categorized(), group_by=("method", "category"))
+  assert [(r["category"], r["n"]) for r in rows] == [("number", 1), ("quantity", 1), ("name", 2)]  # CATEGORIES order
+  name = only(rows, category="name")
+  assert name["nll"]["mean"] == pytest.approx(2.0) and name["kl"]["mean"] == pytest.approx(0.4)
+  assert name["tf_em"]["mean"] == pytest.approx(0.5) and name["em"]["mean"] == pytest.approx(0.5)
+  assert name["f1"]["mean"] == pytest.approx((1 + 2 / 3) / 2) and name["n_docs"] == 1
+  quantity = only(rows, category="quantity")
+  assert (quantity["nll"]["mean"], quantity["f1"]["mean"], quantity["tf_em"]["mean"]) == (4.0, 0.0, 0.0)
+  assert only(rows, category="number")["em"]["mean"] == 1.0
+  for stat in ("nll", "kl", "tf_em", "f1", "em"):
+    assert name[stat]["lo"] <= name[stat]["mean"] <= name[stat]["hi"]
+  kinds = agg.aggregate(_categorized(), group_by=("kind",))
+  assert [(r["kind"], r["n"]) for r in kinds] == [("single", 2), ("two_hop", 2), ("out_of_scope", 1)]
+  two_hop = only(kinds, kind="two_hop")
+  assert two_hop["nll"]["mean"] == pytest.approx(3.5) and two_hop["f1"]["mean"] == pytest.approx(1 / 3)
+  assert only(kinds, kind="out_of_scope")["refusal"]["mean"] == 1.0
+
+
+def test_templates_groups_in_natural_order():
+  records = [rec("q0", world="unseen", templates="unseen"), rec("q1", world="unseen", templates="seen"),
+             rec("q2", world="seen", templates="seen"), rec("q3")]
+  rows = agg.aggregate(records, group_by=("world", "templates"))
+  assert [(r["world"], r["templates"]) for r in rows] == [("seen", "seen"), ("unseen", "seen"), ("unseen", "unseen")]
 
 
 def test_value_outside_the_bins_is_a_user_error():

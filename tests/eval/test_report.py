@@ -27,7 +27,8 @@ def _no_jax(monkeypatch):
 
 
 def _records(*, facts: bool = True, qa_labels: bool = True) -> list[QuestionRecord]:
-  """A synthetic dataset (facts, worlds, evidence) and a QA one, for METHODS; in_context beats no_context."""
+  """A synthetic dataset (facts, worlds, templates, evidence) and a QA one, for METHODS; in_context beats
+  no_context. Answer categories: synthetic question 1 a name, 0 and 2 numbers; QA answers other."""
   rng = np.random.default_rng(0)
   out = []
   for dataset in ("syn", "qa"):
@@ -41,6 +42,8 @@ def _records(*, facts: bool = True, qa_labels: bool = True) -> list[QuestionReco
                   "answerable": not unanswerable, "references": refs, "doc_tokens": 200 * (d + 1),
                   "facts": (4 + d) if dataset == "syn" and facts else None,
                   "world": ("seen" if d % 2 else "unseen") if dataset == "syn" else None,
+                  "templates": ("unseen" if d == 4 else "seen") if dataset == "syn" else None,
+                  "category": None if unanswerable else ("other" if dataset == "qa" else "name" if q == 1 else "number"),
                   "evidence": [q] if not unanswerable and (dataset == "syn" or qa_labels) else None}
         answers = {
             "no_context": ("something", base, 1.0, None),
@@ -119,6 +122,30 @@ def test_main_table_numbers(tmp_path):
   assert overall["n"] == "48" and overall["docs"] == "12" and overall["false refusal"].startswith("1.000")
   assert _table_row(md, "By facts per document", "syn", "[8, 16)", "doc2atom")["n"] == "8"  # facts 8, 9
   assert _table_row(md, "By world (seen / unseen during training)", "syn", "seen", "doc2atom")["n"] == "12"
+
+
+def test_category_kind_and_templates_tables(tmp_path):
+  md = _write(tmp_path)
+  results = _strict_json((tmp_path / "results.json").read_text())
+  assert {"by_kind", "by_category", "by_templates"} <= set(results["tables"])
+  # doc2atom answers right on odd documents only, whatever the category: F1 1/2 for names and numbers alike.
+  name = _table_row(md, "By answer category", "syn", "name", "doc2atom")
+  assert name["n"] == "6" and name["F1"].startswith("0.500 ") and name["teacher-forced EM"] == "—"
+  assert "refusal" not in name and name["false refusal"].startswith("0.000 ")  # no out-of-scope category
+  assert name["NLL/token"] != "—" and name["KL/token"] != "—" and name["EM"].startswith("0.500 ")
+  assert _table_row(md, "By answer category", "syn", "number", "doc2atom")["n"] == "12"
+  assert _table_row(md, "By answer category", "qa", "other", "in_context")["F1"] == "1.000 [1.000, 1.000]"
+  assert "out-of-scope questions are under refusal" in md
+  assert "| syn | out_of_scope |" not in md.split("## By answer category\n", 1)[1].split("\n## ", 1)[0]
+  refuse = _table_row(md, "By question kind", "syn", "out_of_scope", "always_refuse")
+  assert refuse["refusal"] == "1.000 [1.000, 1.000] (n=6)" and refuse["F1"] == "—"
+  assert _table_row(md, "By question kind", "syn", "single", "in_context")["EM"] == "1.000 [1.000, 1.000]"
+  # The held-out wording is its own row beside the unseen worlds in training's wording.
+  title = "By templates (synthetic worlds written in training's wording / in held-out wording)"
+  assert _table_row(md, title, "syn", "unseen", "unseen", "doc2atom")["n"] == "4"  # document 4 only
+  assert _table_row(md, title, "syn", "unseen", "seen", "doc2atom")["n"] == "8"
+  assert _table_row(md, title, "syn", "seen", "seen", "doc2atom")["n"] == "12"
+  assert "teacher-forced EM" in _table_row(md, "Main table: method × dataset", "syn", "doc2atom")
 
 
 def test_gates_section(tmp_path):

@@ -14,7 +14,7 @@ from configs import tiny
 from doc2atom_jax import checkpoint
 from doc2atom_jax import system as system_lib
 from doc2atom_jax.atoms import bank as bank_lib
-from doc2atom_jax.data import qa
+from doc2atom_jax.data import qa, synthetic
 from doc2atom_jax.errors import UserError
 from doc2atom_jax.eval import aggregate as agg
 from doc2atom_jax.eval import quick, report, runner
@@ -82,6 +82,44 @@ def test_every_method_on_every_dataset_writes_the_report(evaluated):
   assert seen == {"synthetic-train-0-0", "synthetic-train-0-1"}
   assert {r.world for r in records if r.dataset.startswith("synthetic")} == {"seen", "unseen"}
   assert {r.facts for r in records if r.dataset == "synthetic_unseen"} == {3, 6}
+
+
+def test_records_carry_category_kind_and_templates(evaluated):
+  folder, records, results = evaluated
+  for r in records:
+    assert (r.category is not None) == r.answerable, r
+    assert (r.templates is not None) == r.dataset.startswith("synthetic"), r
+  templates = {(r.dataset, r.world, r.templates) for r in records if r.templates}
+  assert templates == {("synthetic_unseen", "unseen", "seen"), ("synthetic_unseen_templates", "unseen", "unseen"),
+                       ("synthetic_seen", "seen", "seen")}
+  assert {r.category for r in records if r.dataset.startswith("synthetic") and r.answerable} <= {
+      "closed_pool", "number", "quantity", "name"}
+  assert {r.category for r in records if r.dataset == "squad" and r.answerable} <= {"number", "quantity", "other"}
+  # The held-out wording is scored on the same questions as synthetic_unseen, and shown apart from it.
+  answers = lambda name: sorted((r.method, r.references) for r in records if r.dataset == name)
+  assert answers("synthetic_unseen_templates") == answers("synthetic_unseen")
+  md = (folder / "report.md").read_text()
+  for title in ("## By answer category", "## By question kind", "## By templates"):
+    assert title in md
+  rows = results["tables"]["by_templates"]
+  assert {(r["dataset"], r["templates"]) for r in rows} == {(d, t) for d, _, t in templates}
+  assert {r["category"] for r in results["tables"]["by_category"]} >= {"name", "other"}
+
+
+def test_held_out_templates_change_the_wording_not_the_facts():
+  seen, unseen = (runner.unseen_synthetic(2, (4, 8), seed=0, questions=8, templates=t) for t in synthetic.TEMPLATES)
+  assert {d.dataset for d in seen} == {"synthetic_unseen"} and {d.dataset for d in unseen} == {
+      "synthetic_unseen_templates"}
+  for a, b in zip(seen, unseen):
+    assert (a.templates, b.templates, a.world, b.world, a.facts) == ("seen", "unseen", "unseen", "unseen", b.facts)
+    assert b.doc_id == a.doc_id + "-unseen" and a.text != b.text
+    assert [(q.references, q.kind, q.fact_evidence, q.category) for q in a.questions] == [
+        (q.references, q.kind, q.fact_evidence, q.category) for q in b.questions]
+    assert all(qa_.question != qb.question for qa_, qb in zip(a.questions, b.questions))
+  for i in range(4):  # the worlds themselves: the same facts, other sentences
+    a, b = (synthetic.document("test", i, seed=0, facts_per_document=4, templates=t) for t in synthetic.TEMPLATES)
+    assert [(f.subject, f.attribute, f.value) for f in a.facts] == [(f.subject, f.attribute, f.value) for f in b.facts]
+    assert all(f.text != g.text for f, g in zip(a.facts, b.facts))
 
 
 def test_scores_and_routing_fields(evaluated):
