@@ -31,6 +31,7 @@ from doc2atom_jax.train import teacher as teacher_lib
 
 METHODS = ("no_context", "in_context", "doc2atom")
 CONTROLS = ("default_only", "wrong_document")
+ORACLE = "doc2atom_oracle"  # the evidence atoms at uniform weight: the compiler's share, routing aside
 
 
 def in_memory_bank(documents: list[bank_lib.BankDocument], code_dtype: str = "bfloat16",
@@ -88,8 +89,9 @@ def evaluate(system, documents, *, max_new_tokens: int = 12, generate: bool = Tr
   behaviour is to refuse, which `refusal` measures, while a small teacher reading the document often
   makes an answer up, and KL to it would count a correct abstention against the method.
 
-  With `controls` (and two documents or more), also `default_only` and `wrong_document` (nll, kl); without
-  `baselines`, doc2atom (and its controls) only. `progress`: a progress bar's label (None: no bar).
+  With `controls`, also `doc2atom_oracle` (the question's evidence atoms at uniform weight, as training's
+  atom-fidelity term composes them: what the compiler alone gives) and, with two documents or more,
+  `default_only` and `wrong_document` (nll, kl, tf_em); without `baselines`, doc2atom (and its controls) only. `progress`: a progress bar's label (None: no bar).
   """
   model = system.model
   per = collections.defaultdict(lambda: collections.defaultdict(list))
@@ -103,6 +105,8 @@ def evaluate(system, documents, *, max_new_tokens: int = 12, generate: bool = Tr
     indices, weights, abstain = system.select(bank, questions)
     adapters = {"no_context": None} if baselines else {}
     adapters["doc2atom"] = system.adapter(bank, indices, weights)
+    if controls:
+      adapters[ORACLE] = system.adapter(bank, *_oracle_routes(td.questions, indices.shape[1]))
     if controls and len(documents) > 1:
       adapters["default_only"] = system.adapter(bank, indices, np.zeros_like(weights))
       other = banks[(j + 1) % len(documents)]
@@ -144,7 +148,19 @@ def evaluate(system, documents, *, max_new_tokens: int = 12, generate: bool = Tr
         per[method]["f1"].append(metrics_lib.f1_score(text, refs))
         per[method]["em"].append(metrics_lib.exact_match(text, refs))
         per[method]["refusal" if q.out_of_scope else "false_refusal"].append(float(metrics_lib.is_refusal(text)))
-  return {m: {k: float(np.mean(v)) for k, v in per[m].items() if v} for m in (*METHODS, *CONTROLS) if m in per}
+  return {m: {k: float(np.mean(v)) for k, v in per[m].items() if v} for m in (*METHODS, ORACLE, *CONTROLS)
+          if m in per}
+
+
+def _oracle_routes(questions, k: int):
+  """(indices [B, k], weights [B, k]) composing each question's evidence atoms at uniform weight (training's
+  `L_atom` composition); a question without evidence gets the default adapter only."""
+  indices, weights = np.zeros((len(questions), k), np.int32), np.zeros((len(questions), k), np.float32)
+  for row, q in enumerate(questions):
+    evidence = list(q.evidence or ())[:k]
+    indices[row, :len(evidence)] = evidence
+    weights[row, :len(evidence)] = 1.0 / max(len(evidence), 1)
+  return indices, weights
 
 
 def calibrate_abstention(system, documents, false_refusal: float) -> dict:

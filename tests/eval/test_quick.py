@@ -17,7 +17,7 @@ def test_quick_evaluation_on_held_out_documents():
           for i in range(2)]
   results = quick.evaluate(system, docs, max_new_tokens=4)
   print("\n" + quick.format_table(results))
-  assert set(results) == set(quick.METHODS) | set(quick.CONTROLS)
+  assert set(results) == set(quick.METHODS) | set(quick.CONTROLS) | {quick.ORACLE}
   assert results["in_context"]["kl"] == 0.0
   for method in quick.METHODS:
     assert np.isfinite(results[method]["nll"]) and results[method]["nll"] > 0
@@ -26,7 +26,7 @@ def test_quick_evaluation_on_held_out_documents():
   # An untrained compiler is a no-op (B scalers start at 0) apart from the default adapter, also a no-op.
   np.testing.assert_allclose(results["doc2atom"]["nll"], results["no_context"]["nll"], rtol=1e-5)
   # So are its controls; all three are the no-context model here.
-  for control in quick.CONTROLS:
+  for control in (*quick.CONTROLS, quick.ORACLE):
     np.testing.assert_allclose(results[control]["kl"], results["no_context"]["kl"], rtol=1e-5)
 
 
@@ -41,3 +41,10 @@ def test_learning_check_states_margins_and_verdicts():
   table = quick.format_check(rows)
   assert "FAIL (+0.030)" in table and "PASS (+1.000)" in table and "0.050" in table and "PASS (+0.300)" in table
   assert [r["control"] for r in quick.learning_check({"doc2atom": {"kl": 1.0}}, None, 0.05)] == []
+
+
+def test_oracle_routes_compose_each_questions_evidence_at_uniform_weight():
+  q = lambda evidence: type("Q", (), {"evidence": evidence})()
+  indices, weights = quick._oracle_routes([q((3,)), q((1, 5)), q(None), q(())], k=4)
+  assert indices.tolist() == [[3, 0, 0, 0], [1, 5, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+  np.testing.assert_allclose(weights, [[1, 0, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
