@@ -108,12 +108,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # gains are stored /copy_gain_scale so that they move ~copy_gain_scale*lr a step (10 was too slow at 100 steps).
   c.compiler.copy_dim = 128
   c.compiler.copy_gain_scale = 40.0
+  c.compiler.shared_head = False  # True: one code -> (A, B) map for every layer instead of one per layer
 
   # mode=train: distillation on synthetic fact worlds (DESIGN §2.7).
   c.train = ml_collections.ConfigDict()
   c.train.steps = 100
   c.train.learning_rate = 1e-3
   c.train.warmup_steps = 20
+  c.train.schedule = "cosine"  # after warmup: cosine decay to 10% of learning_rate | constant
   c.train.weight_decay = 0.01
   c.train.clip_norm = 1.0
   c.train.accumulate = 1

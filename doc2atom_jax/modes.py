@@ -178,18 +178,57 @@ MODES = {"generate": generate, "compile": compile_documents, "ask": ask}
 def train(config, workdir: pathlib.Path | None):
   """The main job: train the compiler and router (checkpoints under <workdir>/checkpoints), export them,
   evaluate on held-out documents with the learning check."""
-  from doc2atom_jax.atoms import pipeline
+  from doc2atom_jax import distributed
   from doc2atom_jax.eval import quick
   from doc2atom_jax.train import data as data_lib
-  from doc2atom_jax.train import step as step_lib
   from doc2atom_jax.train import trainer
 
   if workdir is None:
     raise UserError("set --workdir: training writes checkpoints and metrics there")
   fileio.writable_dir(workdir, "--workdir")
+  heldout = data_lib.heldout_documents(config, config.eval.documents) if config.eval.documents else []
+  system, history, run_meta, untrained = fit(config, workdir, heldout=heldout)
+  finished = not history or history[-1]["step"] == config.train.steps  # not preempted
+  abstention = None
+  if finished and system.method.method == "doc2atom" and system.method.abstain == "evidence":
+    abstention = _calibrate(config, system)
+  if finished and distributed.is_main_process():  # files are process 0's; the others evaluate alike and wait
+    from doc2atom_jax import checkpoint
+
+    meta = {"run": run_meta, "step": config.train.steps, "model": system.model.name}
+    if abstention is not None:
+      meta["abstention"] = abstention
+    path = checkpoint.export_params((system.compiler, system.router), checkpoint.export_dir(workdir), meta)
+    print(f"exported the trained compiler and router to {path} (use --config.params={path})")
+  if finished and heldout:
+    results = quick.evaluate(system, heldout, max_new_tokens=config.eval.max_new_tokens, progress="held-out eval")
+    check = quick.learning_check(results, untrained, config.eval.margin)
+  if finished and heldout and distributed.is_main_process():
+    fileio.atomic_write_text(workdir / "results.json", json.dumps(
+        {"methods": results, "untrained": untrained, "learning_check": check}, indent=1))
+    print(f"held-out evaluation ({len(heldout)} validation documents; kl: top-16 KL to the in-context teacher "
+          "on the answer tokens, nll: of the gold answer, both nats/token, lower is better; tf_em: teacher-forced "
+          "exact match after the answer prefix; f1/em: greedy answers):\n"
+          f"{quick.format_table(results)}\n\nlearning check:\n{quick.format_check(check)}")
+  summary = trainer.summary_line(trainer.run_trajectory(workdir, history))  # the whole run's, resumes included
+  if summary:
+    print(summary)
+  return history
+
+
+def fit(config, workdir: pathlib.Path, *, heldout=()):
+  """Trains the config's compiler and router in `workdir` (resuming its checkpoints), the untrained compiler
+  scored first on `heldout` and, every train.eval_every steps, the current one: (system, this process's logged
+  metrics, the run's identity as checkpoints record it, the untrained compiler's results or None).
+  mode=train and the ablations (eval/ablation.py) train through here."""
   import jax
 
   from doc2atom_jax import distributed, parallel
+  from doc2atom_jax.atoms import pipeline
+  from doc2atom_jax.eval import quick
+  from doc2atom_jax.train import data as data_lib
+  from doc2atom_jax.train import step as step_lib
+  from doc2atom_jax.train import trainer
 
   # Bad plans and meshes fail before the model loads; a batch the batch axes do not split is padded.
   rules = parallel.rules_for(config.sharding.plan, config.sharding.rules)
@@ -212,7 +251,6 @@ def train(config, workdir: pathlib.Path | None):
                        if k not in ("steps", "allow_config_change", "eval_every")}
   run_meta = trainer.comparable_meta(run_meta)
   run_meta = json.loads(json.dumps(run_meta, default=list))
-  heldout = data_lib.heldout_documents(config, config.eval.documents) if config.eval.documents else []
   untrained = _untrained_results(system, heldout, workdir, run_meta) if heldout else None
 
   def periodic_eval(compiler, router):  # held-out KL and routing on the documents the final check uses
@@ -226,32 +264,7 @@ def train(config, workdir: pathlib.Path | None):
   history = trainer.train(system, training_documents, tcfg, loss_cfg,
                           workdir, run_meta=run_meta, eval_fn=periodic_eval if heldout else None,
                           num_questions=num_questions)
-  finished = not history or history[-1]["step"] == tcfg.steps  # not preempted
-  abstention = None
-  if finished and system.method.method == "doc2atom" and system.method.abstain == "evidence":
-    abstention = _calibrate(config, system)
-  if finished and distributed.is_main_process():  # files are process 0's; the others evaluate alike and wait
-    from doc2atom_jax import checkpoint
-
-    meta = {"run": run_meta, "step": tcfg.steps, "model": system.model.name}
-    if abstention is not None:
-      meta["abstention"] = abstention
-    path = checkpoint.export_params((system.compiler, system.router), checkpoint.export_dir(workdir), meta)
-    print(f"exported the trained compiler and router to {path} (use --config.params={path})")
-  if finished and heldout:
-    results = quick.evaluate(system, heldout, max_new_tokens=config.eval.max_new_tokens, progress="held-out eval")
-    check = quick.learning_check(results, untrained, config.eval.margin)
-  if finished and heldout and distributed.is_main_process():
-    fileio.atomic_write_text(workdir / "results.json", json.dumps(
-        {"methods": results, "untrained": untrained, "learning_check": check}, indent=1))
-    print(f"held-out evaluation ({len(heldout)} validation documents; kl: top-16 KL to the in-context teacher "
-          "on the answer tokens, nll: of the gold answer, both nats/token, lower is better; tf_em: teacher-forced "
-          "exact match after the answer prefix; f1/em: greedy answers):\n"
-          f"{quick.format_table(results)}\n\nlearning check:\n{quick.format_check(check)}")
-  summary = trainer.summary_line(trainer.run_trajectory(workdir, history))  # the whole run's, resumes included
-  if summary:
-    print(summary)
-  return history
+  return system, history, run_meta, untrained
 
 
 MODES["train"] = train

@@ -70,7 +70,7 @@ def build_system(config, model=None, params: str | None = None):
         model.config, targets=tuple(c.targets), rank=c.rank, code_dim=c.code_dim, width=c.width,
         num_blocks=c.num_blocks, num_heads=c.num_heads, key_dim=c.key_dim, default_rank=c.default_rank,
         alpha=c.alpha, copy_dim=c.copy_dim,
-        copy_gain_scale=c.copy_gain_scale)
+        copy_gain_scale=c.copy_gain_scale, shared_head=bool(c.get("shared_head", False)))
   except ValueError as e:
     raise UserError(f"bad compiler config: {e}") from None
   system = pipeline.AtomSystem.create(model, compiler_cfg, method, seed=config.seed)

@@ -68,6 +68,7 @@ class CompilerConfig:
   alpha: float = 2.0  # fixed adapter scale (per atom rank)
   copy_dim: int = 0  # code entries that carry the copied span tokens (the copy path); 0 = off
   copy_gain_scale: float = 40.0  # gains are stored /scale: Adam (~lr a step) moves them ~scale*lr a step
+  shared_head: bool = False  # one code -> (A, B) map for every layer (the per-layer scalers still differ)
 
   def __post_init__(self):
     if not 0 <= self.copy_dim < self.code_dim:
@@ -111,6 +112,12 @@ def masked_mean(states, mask):
   return jnp.sum(states * weight, axis=-2) / jnp.maximum(jnp.sum(weight, axis=-2), 1.0)
 
 
+def pooled(states, mask):
+  """What keys and queries read of standardized key-layer states [..., S, d]: the masked mean of their RMS
+  normalization [..., d]."""
+  return masked_mean(_rms(states.astype(jnp.float32)), mask)
+
+
 class AtomCompiler(nnx.Module):
   """Span states -> (codes, key, type logits); also holds the head, the null atom and the default adapter."""
 
@@ -150,9 +157,12 @@ class AtomCompiler(nnx.Module):
     # change by ~60% a step. A's rows start ~ N(0, 1/d_in) given unit-RMS codes (LoRA's scale); B's map starts
     # at 0 with its scaler at 1, as a LoRA's B: a fresh compiler changes nothing, yet the first gradient
     # already reaches B's map (a 0 scaler in front of a random map would leave it in a saddle).
-    self.head_a = nnx.data([_param(key(), (L, c, di), ("layers", "code", "adapter_in"))
+    # A shared head is one map for every layer (its first axis has size 1, never sharded): 1/L of the
+    # parameters (per-layer heads are ~90% of a CPU-sized compiler's), and every layer's gradient trains it.
+    lh, layers = (1, None) if cfg.shared_head else (L, "layers")
+    self.head_a = nnx.data([_param(key(), (lh, c, di), (layers, "code", "adapter_in"))
                             for di, _ in cfg.target_dims])
-    self.head_b = nnx.data([_param(None, (L, c, do), ("layers", "code", "adapter_out"), value=zeros(L, c, do))
+    self.head_b = nnx.data([_param(None, (lh, c, do), (layers, "code", "adapter_out"), value=zeros(lh, c, do))
                             for _, do in cfg.target_dims])
     self.scale_a = _param(None, (L, nt, 1), ("layers", "targets", None), value=jnp.ones((L, nt, 1)))
     self.scale_b = _param(None, (L, nt, 1), ("layers", "targets", None), value=jnp.ones((L, nt, 1)))
@@ -247,14 +257,14 @@ class AtomCompiler(nnx.Module):
     copied = jnp.einsum("ntrs,nsd->ntrd", jax.nn.softmax(scores, axis=-1), tokens)
     return _rms(copied @ jax.lax.stop_gradient(self.copy_basis[...]))
 
-  def _pooled_features(self, states, mask):
-    """Masked mean of RMS-normalized states at the key layer -> the MLP's hidden layer [..., w]."""
-    pooled = masked_mean(_rms(states.astype(jnp.float32)), mask)
-    return jax.nn.gelu(pooled @ self.key_w1[...])
-
   def keys(self, key_layer_states, span_mask, types):
     """Standardized states of the key layer [N, S, d] -> (normalized keys [N, d_k], type logits [N, n_types])."""
-    hidden = self._pooled_features(key_layer_states, span_mask)
+    return self.keys_from_pooled(pooled(key_layer_states, span_mask), types)
+
+  def keys_from_pooled(self, pooled_states, types):
+    """`pooled` span states [N, d] -> (normalized keys [N, d_k], type logits [N, n_types]). The pooled states
+    are constants of the frozen model: routing pre-training (train/route_pretrain.py) caches them."""
+    hidden = jax.nn.gelu(pooled_states @ self.key_w1[...])
     keys = hidden @ self.key_w2[...] + self.key_type[...][types]
     return _l2(keys), hidden @ self.type_head[...]
 
@@ -272,14 +282,15 @@ class AtomCompiler(nnx.Module):
   def head(self) -> dict:
     """The linear head as a pytree for `compose`: per-target A/B maps and scalers."""
     cfg = self.cfg
-    b = [h[...] * do ** -0.5 for h, (_, do) in zip(self.head_b, cfg.target_dims)]
+    per_layer = lambda h: jnp.broadcast_to(h[...], (cfg.num_layers, *h.shape[1:]))  # a shared head: [1, c, x]
+    b = [per_layer(h) * do ** -0.5 for h, (_, do) in zip(self.head_b, cfg.target_dims)]
     if cfg.copy_dim:  # B += gain[l, t] * basis @ (copied entries) / sqrt(copy_dim): |B| ~ gain for unit-RMS codes
       basis = jax.lax.stop_gradient(self.copy_basis[...]).T / math.sqrt(cfg.copy_dim)  # [copy_dim, d]
       copy_map = jnp.concatenate([jnp.zeros((cfg.code_dim - cfg.copy_dim, cfg.hidden_size)), basis])  # [c, d]
       gain = self.copy_gain[...] * cfg.copy_gain_scale  # [L, n_t]
       b = [bt + gain[:, t, None, None] * copy_map if name in RESIDUAL_TARGETS else bt
            for t, (bt, name) in enumerate(zip(b, cfg.targets))]
-    return {"a": [h[...] * di ** -0.5 for h, (di, _) in zip(self.head_a, cfg.target_dims)], "b": b,
+    return {"a": [per_layer(h) * di ** -0.5 for h, (di, _) in zip(self.head_a, cfg.target_dims)], "b": b,
             "scale_a": self.scale_a[...], "scale_b": self.scale_b[...]}
 
 

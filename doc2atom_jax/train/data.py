@@ -336,9 +336,11 @@ def source_from_config(config, tokenizer=None, *, process_index: int = 0, proces
 CALIBRATION_START = 10_000  # validation indices from here calibrate (abstention); held-out ones start at 0
 
 
-def heldout_documents(config, count: int, start: int = 0) -> list[synthetic.SyntheticDocument]:
+def heldout_documents(config, count: int, start: int = 0, templates: str = "seen") -> list[synthetic.SyntheticDocument]:
   """`count` validation-split documents of the config's synthetic worlds (disjoint from train) from index
-  `start`: 0 for the held-out evaluation, CALIBRATION_START for calibration (never the same worlds)."""
+  `start`: 0 for the held-out evaluation, CALIBRATION_START for calibration (never the same worlds);
+  templates="unseen" writes them with the statement and question forms training never sees."""
   source = SyntheticSource(seed=config.seed, facts_per_document=tuple(config.data.facts_per_document),
-                           questions_per_document=config.data.questions_per_document, split="validation")
+                           questions_per_document=config.data.questions_per_document, split="validation",
+                           templates=templates)
   return [source.document(start + i) for i in range(count)]

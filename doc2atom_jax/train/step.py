@@ -200,11 +200,21 @@ def loss_fn(trainable, graphdef, base_weights, batch, *, model_cfg, loss_cfg: Lo
   return total, metrics
 
 
+SCHEDULES = ("cosine", "constant")
+
+
 def make_optimizer(learning_rate: float = 1e-3, warmup_steps: int = 20, total_steps: int = 1000,
-                   weight_decay: float = 0.01, clip_norm: float = 1.0, accumulate: int = 1):
-  """AdamW with linear warmup + cosine decay and global-norm clipping (optionally accumulated)."""
-  schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, max(total_steps, warmup_steps + 1),
-                                                end_value=learning_rate * 0.1)
+                   weight_decay: float = 0.01, clip_norm: float = 1.0, accumulate: int = 1, schedule: str = "cosine"):
+  """AdamW with linear warmup, then cosine decay to 10% (or a constant rate), and global-norm clipping
+  (optionally accumulated)."""
+  if schedule not in SCHEDULES:
+    raise UserError(f"unknown train.schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+  if schedule == "constant":
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)),
+                                     optax.constant_schedule(learning_rate)], [max(warmup_steps, 1)])
+  else:
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps,
+                                                  max(total_steps, warmup_steps + 1), end_value=learning_rate * 0.1)
   opt = optax.chain(optax.clip_by_global_norm(clip_norm),
                     optax.adamw(schedule, weight_decay=weight_decay, mask=_decayed))
   return optax.MultiSteps(opt, accumulate) if accumulate > 1 else opt

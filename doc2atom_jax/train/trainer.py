@@ -42,6 +42,7 @@ class TrainConfig:
   steps: int = 100
   learning_rate: float = 1e-3
   warmup_steps: int = 20
+  schedule: str = "cosine"  # after warmup: cosine decay to 10% of learning_rate, or constant
   weight_decay: float = 0.01
   clip_norm: float = 1.0
   accumulate: int = 1
@@ -170,7 +171,7 @@ def train(system, documents_for_step, tcfg: TrainConfig, loss_cfg: step_lib.Loss
   # ---- State -------------------------------------------------------------------------------------------
   graphdef, params = nnx.split((system.compiler, system.router))
   optimizer = step_lib.make_optimizer(tcfg.learning_rate, tcfg.warmup_steps, tcfg.steps, tcfg.weight_decay,
-                                      tcfg.clip_norm, tcfg.accumulate)
+                                      tcfg.clip_norm, tcfg.accumulate, tcfg.schedule)
   p_sh = parallel.state_shardings(params, mesh, tcfg.rules)
   params = jax.device_put(params, p_sh)
   opt_state, o_sh = parallel.optimizer_state(optimizer, params, p_sh, mesh)
