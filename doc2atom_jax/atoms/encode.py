@@ -58,8 +58,8 @@ def padded_document(ids, context: int) -> tuple[np.ndarray, np.ndarray]:
   return tokens, np.arange(length)[None] < len(ids)
 
 
-def document_states(model, token_ids, max_chunk_tokens: int | None = None) -> jax.Array:
-  """States at the input of every layer for a document's tokens: [L, T, d] (float32)."""
+def document_states(model, token_ids, max_chunk_tokens: int | None = None, layers=None) -> jax.Array:
+  """States at the input of every layer (or of `layers`, a tuple) for a document's tokens: [L, T, d] (float32)."""
   cfg = model.config
   chunk = min(max_chunk_tokens or cfg.max_position_embeddings, cfg.max_position_embeddings)
   token_ids = np.asarray(token_ids, np.int32)
@@ -67,7 +67,7 @@ def document_states(model, token_ids, max_chunk_tokens: int | None = None) -> ja
   for start in range(0, len(token_ids), chunk):
     tokens, mask = padded_document(token_ids[start:start + chunk], cfg.max_position_embeddings)
     states = layer_states_jit(model.weights, cfg, jnp.asarray(tokens), jnp.asarray(mask),
-                              layers=tuple(range(cfg.num_layers)))
+                              layers=tuple(range(cfg.num_layers)) if layers is None else tuple(layers))
     pieces.append(states[:, 0, :min(chunk, len(token_ids) - start)])
   return jnp.concatenate(pieces, axis=1)
 

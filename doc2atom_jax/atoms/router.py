@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from doc2atom_jax.atoms.compiler import CompilerConfig, _l2, _param, _rms, masked_mean
+from doc2atom_jax.atoms.compiler import CompilerConfig, _l2, _param, pooled
 from doc2atom_jax.atoms.compose import NULL_INDEX
 
 NORMALIZATIONS = ("softmax", "sigmoid", "softmax_k")
@@ -35,8 +35,11 @@ class Router(nnx.Module):
 
   def query(self, question_states, question_mask):
     """Key-layer states of the question [B, T, d] (+ mask [B, T]) -> unit queries [B, d_k]."""
-    pooled = masked_mean(_rms(question_states.astype(jnp.float32)), question_mask)
-    return _l2(jax.nn.gelu(pooled @ self.w1[...]) @ self.w2[...])
+    return self.query_from_pooled(pooled(question_states, question_mask))
+
+  def query_from_pooled(self, pooled_states):
+    """`compiler.pooled` question states [B, d] -> unit queries [B, d_k]."""
+    return _l2(jax.nn.gelu(pooled_states @ self.w1[...]) @ self.w2[...])
 
   def scores(self, queries, keys, key_mask, null_key):
     """queries [B, d_k]; keys [N, d_k] or per example [B, N, d_k]; key_mask like keys without d_k.

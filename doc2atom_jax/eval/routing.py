@@ -135,13 +135,11 @@ def _frozen_cosines(system, split, questions, states, own) -> tuple[np.ndarray, 
   doc_states = encode.document_states(system.model, split.token_ids, system.method.max_chunk_tokens or None)
   doc_states = system.compiler.standardize(doc_states[layer][None], (layer,))[0]  # [T, d]
   idx, mask = encode.span_indices(split.atoms)
-  rms = compiler_lib._rms  # pylint: disable=protected-access  (the normalization the router and keys pool)
-  atoms = np.asarray(compiler_lib.masked_mean(rms(doc_states[idx]), mask))
-  normed = rms(states)
+  atoms = np.asarray(compiler_lib.pooled(doc_states[idx], mask))  # what the keys and the router read
   seqs, _ = encode.question_ids(system.model, questions)
   prompt = np.arange(states.shape[1])[None] < np.asarray([len(s) for s in seqs])[:, None]
-  own_pooled = np.asarray(compiler_lib.masked_mean(normed, own))
-  prompt_pooled = np.asarray(compiler_lib.masked_mean(normed, prompt))
+  own_pooled = np.asarray(compiler_lib.pooled(states, own))
+  prompt_pooled = np.asarray(compiler_lib.pooled(states, prompt))
   centred = _cosine(own_pooled - own_pooled.mean(0), atoms - atoms.mean(0))
   return centred, _cosine(prompt_pooled, atoms)
 
