@@ -79,6 +79,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Answer-time routing (atoms/fusion.py): fused = the router's scores + BM25 over atom words + the question's
   # answer type (docs/method.md has the measured precision of each ingredient); dense = the router alone.
   c.atoms.route_score = "fused"
+  # Fused routing's second hop: names = the names a bridge atom adds find a two-hop question's answer atom, placed
+  # after the first atom (which never moves); off = the first hop's order (docs/method.md §3 has both).
+  c.atoms.second_hop = "names"
   # evidence: refuse a question naming what the document never mentions, or with nothing of its answer type
   # about it, or whose best atom's dense margin over the null is below the margin mode=train calibrates and
   # stores in the export (an export without one: the lexical checks only); null: v1 (the null atom ranks first).

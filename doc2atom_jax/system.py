@@ -62,7 +62,8 @@ def build_system(config, model=None, params: str | None = None):
       max_atom_tokens=config.atoms.max_atom_tokens, chunk_tokens=config.atoms.chunk_tokens, k=config.atoms.k,
       normalization=config.atoms.normalization, max_chunk_tokens=config.atoms.max_chunk_tokens,
       route_approx=bool(config.atoms.get("route_approx", False)),
-      route_score=config.atoms.get("route_score", "fused"), abstain=config.atoms.get("abstain", "evidence"))
+      route_score=config.atoms.get("route_score", "fused"), abstain=config.atoms.get("abstain", "evidence"),
+      second_hop=config.atoms.get("second_hop", "names"))
   model = model or load_model(config)
   c = config.compiler
   try:

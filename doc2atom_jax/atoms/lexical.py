@@ -161,6 +161,13 @@ def names(text: str) -> list[str]:
   return out
 
 
+def new_names(text: str, question: str) -> list[str]:
+  """The `names` of `text` that the question does not name (compared as `absent_names` compares): what an atom
+  found for the question adds, e.g. the bridge entity of a two-hop question, the query of a second routing hop."""
+  asked = {_key(n) for n in names(question)}
+  return [n for n in names(text) if _key(n) not in asked]
+
+
 def _is_capitalised_name(token: str) -> bool:
   return token[0].isupper() and token.lower() not in STOPWORDS and token != "I"
 

@@ -43,6 +43,7 @@ class MethodConfig:
   route_score: str = "fused"  # dense (the router alone) | fused (+ BM25 and answer type: atoms/fusion.py)
   abstain: str = "evidence"  # evidence (lexical + calibrated margin: atoms/fusion.py) | null (v1: null ranks first)
   abstain_margin: float = float("-inf")  # evidence: refuse below this dense margin over the null (the export's)
+  second_hop: str = "names"  # fused: names (a bridge's names find a two-hop answer: atoms/fusion.py) | off
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -55,6 +56,8 @@ class MethodConfig:
       raise UserError(f"unknown atoms.route_score {self.route_score!r}; valid: {', '.join(fusion.ROUTE_SCORES)}")
     if self.abstain not in fusion.ABSTAIN:
       raise UserError(f"unknown atoms.abstain {self.abstain!r}; valid: {', '.join(fusion.ABSTAIN)}")
+    if self.second_hop not in fusion.SECOND_HOPS:
+      raise UserError(f"unknown atoms.second_hop {self.second_hop!r}; valid: {', '.join(fusion.SECOND_HOPS)}")
 
   @property
   def v1_routing(self) -> bool:
@@ -164,7 +167,7 @@ class AtomSystem:
       return np.asarray(indices), np.asarray(weights), np.asarray(abstain)
     scores = np.asarray(self.scores(bank, questions, (states, q_own)))
     return fusion.select(scores, questions, self.lexicon(bank), k=m.k, route_score=m.route_score,
-                         abstain=m.abstain, margin=m.abstain_margin,
+                         abstain=m.abstain, margin=m.abstain_margin, second_hop=m.second_hop,
                          normalize=lambda top: router_lib.normalize(top, m.normalization))
 
   def scores(self, bank: bank_lib.AtomBank, questions: list[str], question_states=None):

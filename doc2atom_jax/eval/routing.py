@@ -8,11 +8,14 @@ overlap the question's evidence facts (`runner.evidence_atoms`). Per (templates,
   * precision_at_1: single-fact questions whose top-1 routed atom holds the evidence;
   * recall_at_4: single-fact questions with an evidence atom among the top 4;
   * two_hop_both_at_4: two-hop questions with an atom of each evidence fact (bridge and answer) among the top 4;
+  * bridge_missed / answer_missed: two-hop questions with no atom of the bridge fact / of the answer fact (the
+    last) among the top 4, which tells a second hop's failures (`atoms.second_hop`) apart;
   * refusal / false_refusal: the share of out-of-scope / answerable questions the system abstains on;
   * counts: questions, single, two_hop, out_of_scope, unlabelled (answerable questions no atom overlaps).
 The "system" row is what a user gets: the configured routing (`atoms.route_score`, `atoms.abstain`) and an
 abstention counts as a miss in every answerable metric. Its top 4 is read from `AtomSystem.scores` in the
-order `select` uses (`fusion.fused_order` for fused routing, a stable argsort of the dense scores otherwise),
+order `select` uses (`fusion.fused_order` with `atoms.second_hop` for fused routing, a stable argsort of the dense
+scores otherwise),
 so recall@4 and both@4 mean the same whatever `atoms.k` is (`select` returns only k atoms).
 
 Reference rows, from the same documents and questions, ignore abstention and use no trained parameter except
@@ -58,6 +61,7 @@ SYSTEM = "system"
 REFERENCES = ("bm25", "bm25+type", "frozen own-token cosine (centred)", "frozen template-pooled cosine", "dense")
 METHODS = (SYSTEM, *REFERENCES)
 TOP = 4  # recall and two-hop are read at this depth whatever atoms.k is
+RATES = ("precision_at_1", "recall_at_4", "two_hop_both_at_4", "bridge_missed", "answer_missed")
 QUESTIONS_PER_DOCUMENT = 8
 DEFAULTS = {"documents": 20, "sizes": (8, 16, 64), "templates": ("seen", "unseen"), "split": "validation",
             "start": 20_000, "seed": 0}
@@ -90,7 +94,7 @@ def rank_document(system, doc: runner.EvalDocument) -> Ranked:
   n = len(split.atoms)
   dense_order = lambda s: _valid(np.argsort(-s[:-1], kind="stable"), n)
   if system.method.route_score == "fused":
-    system_order = lambda s, q: fusion.fused_order(s[:-1], q, lexicon)
+    system_order = lambda s, q: fusion.fused_order(s[:-1], q, lexicon, system.method.second_hop)
   else:
     system_order = lambda s, q: dense_order(s)
   bm25 = [lexicon.bm25.scores(q) for q in questions]
@@ -170,12 +174,15 @@ def tally(ranked: Sequence[Ranked], method: str) -> dict:
         continue
       top = [] if abstained else r.orders[method][b][:TOP].tolist()
       if kind == "two_hop":
-        t["two_hop_both_at_4"].append(all(set(atoms) & set(top) for atoms in evidence))
+        found = [bool(set(atoms) & set(top)) for atoms in evidence]
+        t["two_hop_both_at_4"].append(all(found))
+        t["bridge_missed"].append(not found[0])
+        t["answer_missed"].append(not found[-1])
       else:
         wanted = {a for atoms in evidence for a in atoms}
         t["precision_at_1"].append(bool(top) and top[0] in wanted)
         t["recall_at_4"].append(bool(wanted & set(top)))
-  row = {name: _mean(t[name]) for name in ("precision_at_1", "recall_at_4", "two_hop_both_at_4")}
+  row = {name: _mean(t[name]) for name in RATES}
   for name in ("refusal", "false_refusal"):
     row[name] = _mean(t[name]) if method == SYSTEM else float("nan")
   row.update({name: counts[name] for name in ("questions", "single", "two_hop", "out_of_scope", "unlabelled")})
@@ -213,7 +220,8 @@ def measure(system, *, documents: int, sizes: Sequence[int] = (8, 16, 64),
                                               disable=progress is None)):
     ranked[t, s].append(rank_document(system, runner.from_synthetic(doc, f"synthetic_{t}", t)))
   m = system.method
-  routing = f"{m.route_score}, abstain={m.abstain}" + ("" if math.isinf(m.abstain_margin) else
+  hop = f", second hop {m.second_hop}" if m.route_score == "fused" else ""
+  routing = f"{m.route_score}{hop}, abstain={m.abstain}" + ("" if math.isinf(m.abstain_margin) else
                                                        f" (margin {m.abstain_margin:.3g})")
   return [{"templates": t, "facts": s, "method": method, "documents": len(group),
            **({"routing": routing} if method == SYSTEM else {}), **tally(group, method)}
@@ -223,12 +231,13 @@ def measure(system, *, documents: int, sizes: Sequence[int] = (8, 16, 64),
 def format_table(rows: Sequence[dict]) -> str:
   """A markdown table of `measure`'s rows; "—" where a rate has no question (or does not apply)."""
   cell = lambda x: "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
-  lines = ["| templates | facts | method | p@1 | r@4 | two-hop both@4 | refusal | false refusal | questions |",
-           "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+  lines = ["| templates | facts | method | p@1 | r@4 | two-hop both@4 | bridge / answer missed | refusal | "
+           "false refusal | questions |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
     method = f"{r['method']} ({r['routing']})" if r.get("routing") else r["method"]
     lines.append(f"| {r['templates']} | {r['facts']} | {method} | {cell(r['precision_at_1'])} | "
-                 f"{cell(r['recall_at_4'])} | {cell(r['two_hop_both_at_4'])} | {cell(r['refusal'])} | "
+                 f"{cell(r['recall_at_4'])} | {cell(r['two_hop_both_at_4'])} | "
+                 f"{cell(r['bridge_missed'])} / {cell(r['answer_missed'])} | {cell(r['refusal'])} | "
                  f"{cell(r['false_refusal'])} | {r['questions']} ({r['single']}/{r['two_hop']}/{r['out_of_scope']}) |")
   lines.append("\nquestions: all (single / two-hop / out-of-scope). Reference rows ignore abstention; the system "
                "row counts an abstention as a miss.")

@@ -94,6 +94,8 @@ def test_bad_routing_settings_are_refused():
     pipeline.MethodConfig(route_score="bm25")
   with pytest.raises(UserError, match="abstain"):
     pipeline.MethodConfig(abstain="never")
+  with pytest.raises(UserError, match="second_hop"):
+    pipeline.MethodConfig(second_hop="always")
   assert pipeline.MethodConfig(route_score="dense", abstain="null").v1_routing
 
 
@@ -114,3 +116,62 @@ def test_exports_carry_the_calibrated_margin_and_older_ones_still_load(tmp_path)
     c.unlock()
     c.params = str(tmp_path / name)
     assert system_lib.build_system(c, model=system.model).method.abstain_margin == margin
+
+
+# A two-hop bank: the bridge (0) names Maria Delvane, whose birthplace (3) shares no name with the question;
+# distractors share its words ("Tarnow Institute", "born", "founded").
+HOP_FACTS = [("The Tarnow Institute was founded by Maria Delvane.", "relation"),
+             ("The Tarnow Institute is based in Kodol.", "relation"),
+             ("Velkor Amsten was born in Sunrenith.", "relation"),
+             ("Maria Delvane was born in Kestrava.", "relation"),
+             ("Oskar Brell was born in Lumen.", "relation"),
+             ("The Tarnow Institute was founded in 1901.", "temporal"),
+             ("Kodol has 41,200 inhabitants.", "quantity"),
+             ("Maria Delvane won the Orlen Prize.", "event")]
+TWO_HOP = "Where was the founder of the Tarnow Institute born?"
+
+
+def hop_lexicon():
+  atoms = [atomize.Atom("d", i, s, t, 0, 0, 0, 0) for i, (s, t) in enumerate(HOP_FACTS)]
+  return fusion.Lexicon.of(atoms, [" ".join(s for s, _ in HOP_FACTS)])
+
+
+def hop_scores(favour: int):
+  """Dense scores [1, 9] (null last): one favoured atom, then two distractors born elsewhere."""
+  scores = np.zeros((1, len(HOP_FACTS) + 1), np.float32)
+  scores[0, 4], scores[0, 2], scores[0, favour], scores[0, -1] = 1.0, 2.0, 3.0, -5.0
+  return scores
+
+
+@pytest.mark.parametrize("favour", [i for i in range(len(HOP_FACTS)) if i != 3])  # 3: the router finds it alone
+def test_the_second_hop_brings_the_answer_atom_into_the_top_k(favour):
+  lex = hop_lexicon()
+  kw = dict(k=3, route_score="fused", abstain="evidence", margin=float("-inf"), normalize=NORMALIZE)
+  off, _, _ = fusion.select(hop_scores(favour), [TWO_HOP], lex, second_hop="off", **kw)
+  on, weights, _ = fusion.select(hop_scores(favour), [TWO_HOP], lex, second_hop="names", **kw)
+  assert 3 not in off[0]  # the first hop misses the answer: it shares no name with the question
+  assert {0, 3} <= set(on[0].tolist()) and on[0, 0] == off[0, 0]  # bridge and answer in; the first atom stays
+  assert weights[0].sum() == pytest.approx(1.0)
+
+
+def test_off_is_the_first_hop_order_and_single_fact_questions_keep_their_first_atom():
+  lex = hop_lexicon()
+  dense = hop_scores(1)[0, :-1]
+  first_hop = fusion.fused_order(dense, TWO_HOP, lex)
+  np.testing.assert_array_equal(fusion.fused_order(dense, TWO_HOP, lex, "off"), first_hop)
+  for question, gold in (("Where was Oskar Brell born?", 4), ("When was the Tarnow Institute founded?", 5),
+                         ("How many inhabitants does Kodol have?", 6)):
+    off = fusion.fused_order(dense, question, lex, "off")
+    on = fusion.fused_order(dense, question, lex, "names")
+    assert off[0] == on[0] == gold
+    assert sorted(on.tolist()) == list(range(len(HOP_FACTS)))  # a reordering, nothing lost or repeated
+
+
+def test_no_bridge_name_leaves_the_order_alone():
+  lex = lexicon()  # the atoms that match the question add only numbers no other atom holds
+  scores = dense(favour=1)[0, :-1]
+  question = "When was Sunrenith first settled?"
+  np.testing.assert_array_equal(fusion.fused_order(scores, question, lex, "names"),
+                                fusion.fused_order(scores, question, lex, "off"))
+  with pytest.raises(ValueError, match="second_hop"):
+    fusion.fused_order(scores, question, lex, "twice")

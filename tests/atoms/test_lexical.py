@@ -77,6 +77,14 @@ def test_names_are_the_capitalised_words_and_numbers_of_a_question():
   assert names("Who founded it?") == []
 
 
+def test_new_names_are_what_an_atom_names_beyond_the_question():
+  question = "Where was the founder of the Tarnow Institute born?"
+  assert lexical.new_names("The Tarnow Institute was founded by Maria Delvane in 1901.", question) == [
+      "Maria", "Delvane", "1901"]
+  assert lexical.new_names("The TARNOW institute's founder was Maria Delvane.", question) == ["Maria", "Delvane"]
+  assert lexical.new_names("It was founded by the Tarnow Institute.", question) == []
+
+
 def test_absent_names_reads_whole_words_of_the_document():
   doc = "Velkor Amsten's mentor founded the Tarnow Institute in Amstenford. Its staff of 12400 speak Asian tongues."
   assert absent_names("When was Velkor Amsten born?", doc) == []  # possessive "Amsten's" counts

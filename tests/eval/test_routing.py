@@ -15,7 +15,7 @@ from doc2atom_jax.errors import UserError
 from doc2atom_jax.eval import quick, routing, runner
 from tests.cli_helpers import assert_user_error, run_module
 
-RATES = ("precision_at_1", "recall_at_4", "two_hop_both_at_4")
+RATES = routing.RATES
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +82,15 @@ def test_bm25_with_types_routes_a_hand_made_document(system):
   assert row["precision_at_1"] == 1.0 and row["recall_at_4"] == 1.0 and math.isnan(row["two_hop_both_at_4"])
   system_row = routing.tally([ranked], routing.SYSTEM)
   assert system_row["refusal"] == 1.0  # the institute is never named: the lexical refusal
+
+
+def test_two_hop_misses_are_told_apart():
+  """Bridge (first fact) and answer (last fact) are counted missed apart: an order reaching only the bridge."""
+  orders = [np.asarray([0, 1, 2, 4, 3]), np.asarray([3, 1, 2, 4, 0]), np.asarray([2, 1, 4, 5, 6])]
+  ranked = routing.Ranked(["two_hop"] * 3, [[(0,), (3,)]] * 3, {"bm25": orders}, np.zeros(3, bool))
+  row = routing.tally([ranked], "bm25")
+  assert row["two_hop_both_at_4"] == 0.0
+  assert row["bridge_missed"] == pytest.approx(2 / 3) and row["answer_missed"] == pytest.approx(2 / 3)
 
 
 def test_own_tokens_rank_differently_from_the_template(system):
