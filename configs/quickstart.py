@@ -112,6 +112,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.compiler.copy_dim = 128
   c.compiler.copy_gain_scale = 40.0
   c.compiler.shared_head = False  # True: one code -> (A, B) map for every layer instead of one per layer
+  # Keys and queries: a linear path from the centred frozen features beside their MLPs (which start at 0), so
+  # the router starts as the frozen model's centred cosine; False = the MLPs alone (exports made before it).
+  c.compiler.route_skip = True
 
   # mode=train: distillation on synthetic fact worlds (DESIGN §2.7).
   c.train = ml_collections.ConfigDict()
@@ -134,6 +137,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sharding = ml_collections.ConfigDict()
   c.sharding.plan = "fsdp_tp"
   c.sharding.rules = ()  # overrides, e.g. (("atoms", ("data", "fsdp", "tensor")), ("mlp", None))
+  # Routing pre-training (train/route_pretrain.py), before the first end-to-end step of a fresh run: the keys
+  # and the router on cached frozen features of synthetic training worlds larger than the end-to-end ones,
+  # several documents a step (docs/method.md: the end-to-end router alone was noise at 64 facts). 0 steps = off.
+  c.route_pretrain = ml_collections.ConfigDict()
+  c.route_pretrain.steps = 300
+  c.route_pretrain.documents = 64
+  c.route_pretrain.facts_per_document = (4, 32)
+  c.route_pretrain.documents_per_step = 4
+  c.route_pretrain.learning_rate = 1e-3
   c.loss = ml_collections.ConfigDict()
   c.loss.kd, c.loss.ce, c.loss.route, c.loss.atom, c.loss.null = 1.0, 1.0, 1.0, 1.0, 1.0
   c.loss.kd_tokens = "right"  # distil the teacher only where its top-1 is the gold ("all": every token, v1)

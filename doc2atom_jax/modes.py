@@ -251,6 +251,10 @@ def fit(config, workdir: pathlib.Path, *, heldout=()):
                        if k not in ("steps", "allow_config_change", "eval_every")}
   run_meta = trainer.comparable_meta(run_meta)
   run_meta = json.loads(json.dumps(run_meta, default=list))
+  from doc2atom_jax import checkpoint
+
+  if not checkpoint.checkpoint_steps(checkpoint.checkpoints_dir(workdir)):  # a fresh run, not a resume
+    _pretrain_routing(config, system)
   untrained = _untrained_results(system, heldout, workdir, run_meta) if heldout else None
 
   def periodic_eval(compiler, router):  # held-out KL and routing on the documents the final check uses
@@ -268,6 +272,30 @@ def fit(config, workdir: pathlib.Path, *, heldout=()):
 
 
 MODES["train"] = train
+
+
+def _pretrain_routing(config, system) -> None:
+  """Routing pre-training (config `route_pretrain`) on synthetic training worlds the end-to-end run never reads
+  (indices from `data.ROUTE_PRETRAIN_START`); their frozen features are cached on disk. doc2atom only."""
+  from doc2atom_jax.train import data as data_lib
+  from doc2atom_jax.train import route_pretrain
+
+  rp = config.get("route_pretrain")
+  if rp is None or not rp.steps or system.method.method != "doc2atom":
+    return
+  if config.data.source not in ("tfds", "generator"):
+    print(f"routing pre-training skipped: it reads synthetic worlds, and data.source is {config.data.source}")
+    return
+  source = data_lib.SyntheticSource(seed=config.seed, facts_per_document=tuple(rp.facts_per_document),
+                                    questions_per_document=config.data.questions_per_document)
+  documents = [data_lib.to_train_document(source.document(data_lib.ROUTE_PRETRAIN_START + i), system.model.tokenizer)
+               for i in range(rp.documents)]
+  features = route_pretrain.collect(system, documents, route_pretrain.FeatureCache.for_system(system),
+                                    progress="routing features")
+  history = route_pretrain.pretrain(system, features, steps=rp.steps, documents_per_step=rp.documents_per_step,
+                                    learning_rate=rp.learning_rate, seed=config.seed, log_every=rp.steps)
+  print(f"routing pre-training: {rp.steps} steps on {len(features)} worlds of {rp.facts_per_document[0]}-"
+        f"{rp.facts_per_document[1]} facts; training precision@1 {history[-1]['p_at_1_document']:.3f}")
 
 
 def _calibrate(config, system) -> dict:

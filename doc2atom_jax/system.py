@@ -54,6 +54,20 @@ def check_trained(meta: dict, what: str, model_name: str, method: str) -> None:
                     f"(--config=<file>.py:{trained_for} selects it)")
 
 
+def _route_skip(config, params: str | None) -> bool:
+  """compiler.route_skip, except for an export that predates it (its run config has no such field): those
+  were trained without the linear path, and still load."""
+  params = config.params if params is None else params
+  if params:
+    try:
+      trained = (export_meta(params).get("run") or {}).get("compiler") or {}
+    except UserError:
+      trained = None  # not an export: load_params says why
+    if trained is not None and "route_skip" not in trained:
+      return False
+  return bool(config.compiler.get("route_skip", True))
+
+
 def build_system(config, model=None, params: str | None = None):
   """The atom system of a config (on `model` when given, else the config's), with `params` (default
   `config.params`; "" = none) loaded."""
@@ -71,7 +85,8 @@ def build_system(config, model=None, params: str | None = None):
         model.config, targets=tuple(c.targets), rank=c.rank, code_dim=c.code_dim, width=c.width,
         num_blocks=c.num_blocks, num_heads=c.num_heads, key_dim=c.key_dim, default_rank=c.default_rank,
         alpha=c.alpha, copy_dim=c.copy_dim,
-        copy_gain_scale=c.copy_gain_scale, shared_head=bool(c.get("shared_head", False)))
+        copy_gain_scale=c.copy_gain_scale, shared_head=bool(c.get("shared_head", False)),
+        route_skip=_route_skip(config, params))
   except ValueError as e:
     raise UserError(f"bad compiler config: {e}") from None
   system = pipeline.AtomSystem.create(model, compiler_cfg, method, seed=config.seed)

@@ -69,6 +69,10 @@ class CompilerConfig:
   copy_dim: int = 0  # code entries that carry the copied span tokens (the copy path); 0 = off
   copy_gain_scale: float = 40.0  # gains are stored /scale: Adam (~lr a step) moves them ~scale*lr a step
   shared_head: bool = False  # one code -> (A, B) map for every layer (the per-layer scalers still differ)
+  # Keys and queries add a linear path, (pooled - centre) @ P, to their MLPs (whose last layers start at 0):
+  # they start as the frozen model's centred cosine, which routes better than a trained MLP alone on worlds it
+  # was not trained on (docs/method.md), and training refines it. False: the MLP alone (exports before it).
+  route_skip: bool = True
 
   def __post_init__(self):
     if not 0 <= self.copy_dim < self.code_dim:
@@ -171,7 +175,12 @@ class AtomCompiler(nnx.Module):
     self.state_scale = _param(None, (L, d), ("layers", "embed"), value=jnp.ones((L, d)))
     # Keys and types.
     self.key_w1 = _param(key(), (d, w), ("embed", "width"))
-    self.key_w2 = _param(key(), (w, cfg.key_dim), ("width", "key"))
+    if cfg.route_skip:
+      self.key_w2 = _param(None, (w, cfg.key_dim), ("width", "key"), value=zeros(w, cfg.key_dim))
+      self.key_center = _param(None, (d,), ("embed",), value=zeros(d))
+      self.key_skip = _param(None, (d, cfg.key_dim), ("embed", "key"), value=route_projection(d, cfg.key_dim))
+    else:
+      self.key_w2 = _param(key(), (w, cfg.key_dim), ("width", "key"))
     self.key_type = _param(key(), (cfg.num_types, cfg.key_dim), ("types", "key"), std=0.1)
     self.type_head = _param(key(), (w, cfg.num_types), ("width", "types"))
     # The null atom (abstain) and the always-on default adapter, as codes.
@@ -266,6 +275,8 @@ class AtomCompiler(nnx.Module):
     are constants of the frozen model: routing pre-training (train/route_pretrain.py) caches them."""
     hidden = jax.nn.gelu(pooled_states @ self.key_w1[...])
     keys = hidden @ self.key_w2[...] + self.key_type[...][types]
+    if self.cfg.route_skip:
+      keys = keys + (pooled_states - self.key_center[...]) @ self.key_skip[...]
     return _l2(keys), hidden @ self.type_head[...]
 
   def __call__(self, span_states, span_mask, types):
@@ -292,6 +303,13 @@ class AtomCompiler(nnx.Module):
            for t, (bt, name) in enumerate(zip(b, cfg.targets))]
     return {"a": [per_layer(h) * di ** -0.5 for h, (di, _) in zip(self.head_a, cfg.target_dims)], "b": b,
             "scale_a": self.scale_a[...], "scale_b": self.scale_b[...]}
+
+
+def route_projection(d: int, key_dim: int, seed: int = 0):
+  """The fixed orthonormal projection [d, key_dim] both the keys' and the queries' linear paths start from (the
+  same for both, so a fresh router scores the cosine of centred frozen features, up to the projection)."""
+  q, _ = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(seed), (d, max(d, key_dim)), jnp.float32))
+  return q[:, :key_dim] * math.sqrt(d / key_dim)  # norms kept: |x P| ~ |x|
 
 
 def _l2(x, eps=1e-6):

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from doc2atom_jax.atoms.compiler import CompilerConfig, _l2, _param, pooled
+from doc2atom_jax.atoms.compiler import CompilerConfig, _l2, _param, pooled, route_projection
 from doc2atom_jax.atoms.compose import NULL_INDEX
 
 NORMALIZATIONS = ("softmax", "sigmoid", "softmax_k")
@@ -29,8 +29,14 @@ RECALL_TARGET = 0.95  # approximate routing (`top_k`): the expected share of the
 class Router(nnx.Module):
   def __init__(self, cfg: CompilerConfig, *, rngs: nnx.Rngs, temperature: float = 0.1):
     self.cfg = cfg
-    self.w1 = _param(rngs.params(), (cfg.hidden_size, cfg.width), ("embed", "width"))
-    self.w2 = _param(rngs.params(), (cfg.width, cfg.key_dim), ("width", "key"))
+    d = cfg.hidden_size
+    self.w1 = _param(rngs.params(), (d, cfg.width), ("embed", "width"))
+    if cfg.route_skip:  # the linear path of `compiler.CompilerConfig.route_skip`; the MLP starts at 0
+      self.w2 = _param(None, (cfg.width, cfg.key_dim), ("width", "key"), value=jnp.zeros((cfg.width, cfg.key_dim)))
+      self.q_center = _param(None, (d,), ("embed",), value=jnp.zeros(d))
+      self.q_skip = _param(None, (d, cfg.key_dim), ("embed", "key"), value=route_projection(d, cfg.key_dim))
+    else:
+      self.w2 = _param(rngs.params(), (cfg.width, cfg.key_dim), ("width", "key"))
     self.log_inv_temperature = _param(None, (), (), value=jnp.asarray(math.log(1.0 / temperature), jnp.float32))
 
   def query(self, question_states, question_mask):
@@ -39,7 +45,10 @@ class Router(nnx.Module):
 
   def query_from_pooled(self, pooled_states):
     """`compiler.pooled` question states [B, d] -> unit queries [B, d_k]."""
-    return _l2(jax.nn.gelu(pooled_states @ self.w1[...]) @ self.w2[...])
+    query = jax.nn.gelu(pooled_states @ self.w1[...]) @ self.w2[...]
+    if self.cfg.route_skip:
+      query = query + (pooled_states - self.q_center[...]) @ self.q_skip[...]
+    return _l2(query)
 
   def scores(self, queries, keys, key_mask, null_key):
     """queries [B, d_k]; keys [N, d_k] or per example [B, N, d_k]; key_mask like keys without d_k.

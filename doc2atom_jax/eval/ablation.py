@@ -25,6 +25,9 @@ from doc2atom_jax.eval import quick
 # name -> (what changes, config overrides). Rows of the v1 -> v2 table first, then the compiler's ablations.
 VARIANTS = {
     "v2": ("method v2's defaults", {}),
+    "no_route_pretrain": ("no routing pre-training (the router's linear path kept)", {"route_pretrain.steps": 0}),
+    "mlp_router": ("keys and queries from their MLPs alone, no routing pre-training (v2 before routing "
+                   "pre-training)", {"compiler.route_skip": False, "route_pretrain.steps": 0}),
     "v1_loss": ("v1's loss recipe: gold CE 0.1, KD on every answer token, L_atom to the evidence teacher",
                 {"loss.ce": 0.1, "loss.kd_tokens": "all", "loss.atom_target": "teacher"}),
     "ce_only": ("no distillation: gold CE and L_atom only", {"loss.kd": 0.0}),
@@ -50,7 +53,7 @@ def variant_config(config, name: str):
   out = copy.deepcopy(config)
   for field, value in VARIANTS[name][1].items():
     section, key = field.split(".")
-    if key not in out[section]:
+    if section not in out or key not in out[section]:
       raise UserError(f"variant {name}: the config has no field {field}")
     out[section][key] = value
   return out

@@ -334,6 +334,7 @@ def source_from_config(config, tokenizer=None, *, process_index: int = 0, proces
 
 
 CALIBRATION_START = 10_000  # validation indices from here calibrate (abstention); held-out ones start at 0
+ROUTE_PRETRAIN_START = 1_000_000  # train-split indices from here feed routing pre-training, not the end-to-end run
 
 
 def heldout_documents(config, count: int, start: int = 0, templates: str = "seen") -> list[synthetic.SyntheticDocument]:

@@ -27,7 +27,8 @@ from doc2atom_jax.atoms import compiler as compiler_lib
 from doc2atom_jax.train import losses
 
 # (module index in (compiler, router), attribute names): the parameters routing pre-training moves.
-ROUTING_PARAMS = {0: ("key_w1", "key_w2", "key_type", "null_key"), 1: ("w1", "w2", "log_inv_temperature")}
+ROUTING_PARAMS = {0: ("key_w1", "key_w2", "key_type", "null_key", "key_center", "key_skip"),
+                  1: ("w1", "w2", "log_inv_temperature", "q_center", "q_skip")}
 FORMAT = 1  # of the cached features; part of the cache key
 
 
@@ -141,12 +142,14 @@ def _loss(trainable, rest, graphdef, batch):
   scores = route_scores(compiler, router, batch)
   valid = batch["q_mask"] & jnp.any(batch["positives"], axis=-1)
   loss = losses.info_nce(scores, batch["positives"], valid)
-  # Precision@1 within the question's own document (what answering one document needs) and over the batch.
-  own = jnp.concatenate([batch["own"], jnp.ones_like(batch["own"][:, :1])], axis=-1)
+  # Precision@1 of answerable questions within their own document's atoms (what answering one document needs)
+  # and over every atom of the batch (a bank of several documents); the null column is left out of both.
+  answerable = valid & ~batch["positives"][:, -1]
   hit = lambda s: jnp.take_along_axis(batch["positives"], jnp.argmax(s, axis=-1)[:, None], axis=-1)[:, 0]
-  share = lambda x: jnp.sum(x & valid) / jnp.maximum(jnp.sum(valid), 1)
-  return loss, {"route": loss, "p_at_1_document": share(hit(jnp.where(own, scores, -jnp.inf))),
-                "p_at_1_batch": share(hit(scores))}
+  share = lambda x: jnp.sum(x & answerable) / jnp.maximum(jnp.sum(answerable), 1)
+  atoms_only = scores[:, :-1]
+  return loss, {"route": loss, "p_at_1_document": share(hit(jnp.where(batch["own"], atoms_only, -jnp.inf))),
+                "p_at_1_batch": share(hit(atoms_only))}
 
 
 def _is_routing(path, _value) -> bool:
@@ -155,15 +158,19 @@ def _is_routing(path, _value) -> bool:
 
 def pretrain(system, features: list[Features], *, steps: int, documents_per_step: int = 16,
              learning_rate: float = 3e-3, warmup_steps: int = 50, seed: int = 0, log_every: int = 100,
-             progress: str | None = None) -> list[dict]:
+             center: bool = True, progress: str | None = None) -> list[dict]:
   """Trains the routing parameters of `system` in place on the documents' features; returns the logged metrics
-  (every `log_every` steps: the mean of those steps). Documents are drawn in a seeded order, reshuffled each
+  (every `log_every` steps: the mean of those steps). center: first set the linear paths' centres to the mean
+  atom and question features (a fresh router then scores their centred cosine). Documents are drawn in a seeded order, reshuffled each
   pass; every step has the same padded shapes, so the step compiles once."""
   if not features:
     raise ValueError("routing pre-training needs at least one document")
   per_step = min(documents_per_step, len(features))
   atoms = shapes.multiple(per_step * max(len(f.atoms) for f in features), 64)
   questions = shapes.multiple(per_step * max(len(f.questions) for f in features), 64)
+  if center and system.cfg.route_skip:  # the linear paths start from the features' own means (centred cosine)
+    system.compiler.key_center[...] = jnp.asarray(np.mean(np.concatenate([f.atoms for f in features]), 0))
+    system.router.q_center[...] = jnp.asarray(np.mean(np.concatenate([f.questions for f in features]), 0))
   graphdef, trainable, rest = nnx.split((system.compiler, system.router), _is_routing, ...)
   schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(warmup_steps, max(steps - 1, 1)),
                                                 max(steps, warmup_steps + 1), end_value=learning_rate * 0.1)

@@ -1,6 +1,7 @@
 """Answer-time routing and abstention (atoms/fusion.py): fusion finds the fact the dense score misses, abstention
 reads the document, the null adapter is composed only for a refusal, calibration holds on held-out worlds."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -108,7 +109,7 @@ def test_exports_carry_the_calibrated_margin_and_older_ones_still_load(tmp_path)
 
   c = tiny.get_config()
   system = system_lib.build_system(c)
-  run = {"atoms": {"method": "doc2atom"}, "model": {"name": system.model.name}}
+  run = {"atoms": {"method": "doc2atom"}, "model": {"name": system.model.name}, "compiler": {"route_skip": True}}
   checkpoint.export_params((system.compiler, system.router), tmp_path / "v1", {"run": run, "step": 1})
   checkpoint.export_params((system.compiler, system.router), tmp_path / "v2",
                            {"run": run, "step": 1, "abstention": {"margin": 0.25, "false_refusal": 0.02}})
@@ -116,6 +117,47 @@ def test_exports_carry_the_calibrated_margin_and_older_ones_still_load(tmp_path)
     c.unlock()
     c.params = str(tmp_path / name)
     assert system_lib.build_system(c, model=system.model).method.abstain_margin == margin
+
+
+def test_exports_from_before_the_routers_linear_path_still_load(tmp_path):
+  """An export whose run config has no compiler.route_skip was trained with the keys' and queries' MLPs alone:
+  it loads into a system built without the linear path, and routes as it did."""
+  from configs import tiny
+  from doc2atom_jax import checkpoint
+  from doc2atom_jax import system as system_lib
+
+  c = tiny.get_config()
+  c.unlock()
+  c.compiler.route_skip = False
+  old = system_lib.build_system(c)
+  assert not hasattr(old.compiler, "key_skip") and not hasattr(old.router, "q_skip")
+  run = {"atoms": {"method": "doc2atom"}, "model": {"name": old.model.name}, "compiler": {"rank": 1}}
+  checkpoint.export_params((old.compiler, old.router), tmp_path / "old", {"run": run, "step": 1})
+  c.compiler.route_skip = True
+  c.params = str(tmp_path / "old")
+  loaded = system_lib.build_system(c, model=old.model)
+  assert not loaded.cfg.route_skip
+  np.testing.assert_array_equal(np.asarray(loaded.router.w2[...]), np.asarray(old.router.w2[...]))
+
+
+def test_a_fresh_router_scores_the_centred_cosine():
+  """With the linear path (the default), a fresh router's score is the cosine of the centred features through the
+  one shared projection: the frozen model's own similarity, before any training."""
+  from configs import tiny
+  from doc2atom_jax import system as system_lib
+
+  system = system_lib.build_system(tiny.get_config())
+  rng = np.random.default_rng(0)
+  atoms, questions = rng.normal(size=(5, system.cfg.hidden_size)), rng.normal(size=(3, system.cfg.hidden_size))
+  system.compiler.key_center[...] = jnp.asarray(atoms.mean(0), jnp.float32)
+  system.router.q_center[...] = jnp.asarray(questions.mean(0), jnp.float32)
+  system.compiler.key_type[...] = jnp.zeros_like(system.compiler.key_type[...])  # types aside
+  keys, _ = system.compiler.keys_from_pooled(jnp.asarray(atoms, jnp.float32), jnp.zeros(5, jnp.int32))
+  queries = system.router.query_from_pooled(jnp.asarray(questions, jnp.float32))
+  projection = np.asarray(system.compiler.key_skip[...])
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  expected = unit((questions - questions.mean(0)) @ projection) @ unit((atoms - atoms.mean(0)) @ projection).T
+  np.testing.assert_allclose(np.asarray(queries @ keys.T), expected, atol=1e-4)
 
 
 # A two-hop bank: the bridge (0) names Maria Delvane, whose birthplace (3) shares no name with the question;
