@@ -32,6 +32,8 @@ VARIANTS = {
                 {"loss.ce": 0.1, "loss.kd_tokens": "all", "loss.atom_target": "teacher"}),
     "ce_only": ("no distillation: gold CE and L_atom only", {"loss.kd": 0.0}),
     "rank2": ("micro rank 2 per atom", {"compiler.rank": 2}),
+    "copy_full": ("the copy path keeps the whole embedding (copy_dim = d = 576 of code_dim 640; default 128 of 256)",
+                  {"compiler.code_dim": 640, "compiler.copy_dim": 576}),
     "shared_head": ("one head shared by every layer (per-layer scalers kept)", {"compiler.shared_head": True}),
     "lr3e-3": ("learning rate 3e-3", {"train.learning_rate": 3e-3}),
     "constant_lr": ("constant learning rate after warmup", {"train.schedule": "constant"}),
