@@ -46,6 +46,7 @@ def get_config(arg: str | None = None):
   c.compiler.num_blocks = 9
   c.compiler.num_heads = 8
   c.compiler.code_dim = 512
+  c.compiler.copy_dim = 128  # of d = 2304: the top directions of the embedding (quickstart copies all 576 of SmolLM2)
   c.compiler.key_dim = 256
   variants.set_rank(c, 2)
 
