@@ -4,12 +4,12 @@ A variant is a set of config overrides (`VARIANTS`); each trains exactly as mode
 seed and steps, through `modes.fit`) in <workdir>/<variant>, so a stopped run resumes from its checkpoints, and
 a finished variant's scores are kept in <workdir>/<variant>/ablation.json and never recomputed. Scoring is the
 quick evaluator without generation (`quick.evaluate`: teacher-forced NLL, KL and exact match, routing top-1,
-the oracle-routed row and the controls) on `documents` validation worlds written with our templates and as many
+the oracle-routed row and the controls) on `worlds` validation worlds written with our templates and as many
 written with the held-out ones (`synthetic.document(templates="unseen")`), the same worlds for every variant.
 
 Run (the table goes to stdout and <workdir>/ablation.md):
   python -m doc2atom_jax.eval.ablation --config=configs/quickstart.py --workdir=runs/ablation \
-      --variants=v2,rank2,shared_head [--documents=12]
+      --variants=v2,rank2,shared_head [--worlds=12]
 """
 
 import copy
@@ -45,7 +45,7 @@ TEMPLATES = ("seen", "unseen")
 RESULTS = "ablation.json"
 
 _VARIANTS = flags.DEFINE_list("variants", ["v2"], f"variants to run, in order: {', '.join(VARIANTS)}")
-_DOCUMENTS = flags.DEFINE_integer("documents", 12, "validation worlds per template set")
+_WORLDS = flags.DEFINE_integer("worlds", 12, "validation worlds per template set (our templates, held-out ones)")
 
 
 def variant_config(config, name: str):
@@ -106,7 +106,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(args=()) -> None:
-  """`python -m doc2atom_jax.eval.ablation --config=<file>.py --workdir=DIR [--variants=a,b] [--documents=N]`."""
+  """`python -m doc2atom_jax.eval.ablation --config=<file>.py --workdir=DIR [--variants=a,b] [--worlds=N]`."""
   del args
   from doc2atom_jax.train import data as data_lib  # pylint: disable=import-outside-toplevel
 
@@ -117,10 +117,10 @@ def main(args=()) -> None:
   workdir = fileio.writable_dir(workdir, "--workdir")
   for name in _VARIANTS.value:
     variant_config(config, name)  # every name and field checked before hours of training
-  if _DOCUMENTS.value < 2:
-    raise UserError("--documents must be at least 2 (the wrong-document control needs another world)")
+  if _WORLDS.value < 2:
+    raise UserError("--worlds must be at least 2 (the wrong-document control needs another world)")
   cli.prepare(config)
-  documents = {t: data_lib.heldout_documents(config, _DOCUMENTS.value, templates=t) for t in TEMPLATES}
+  documents = {t: data_lib.heldout_documents(config, _WORLDS.value, templates=t) for t in TEMPLATES}
   rows = [run_variant(config, name, workdir, documents) for name in _VARIANTS.value]
   table = format_table(rows)
   print(table)
