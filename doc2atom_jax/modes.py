@@ -248,7 +248,7 @@ def fit(config, workdir: pathlib.Path, *, heldout=()):
               if k not in ("mode", "params", "generate", "compile", "ask", "eval", "selfgen", "export", "sharding",
                            "plan", "distributed")}
   run_meta["train"] = {k: v for k, v in run_meta["train"].items()
-                       if k not in ("steps", "allow_config_change", "eval_every")}
+                       if k not in ("steps", "allow_config_change", "eval_every", "state_cache")}
   run_meta = trainer.comparable_meta(run_meta)
   run_meta = json.loads(json.dumps(run_meta, default=list))
   from doc2atom_jax import checkpoint

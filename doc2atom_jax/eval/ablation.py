@@ -1,7 +1,8 @@
 """Ablations: the main job's training under named variants, each scored on the same validation worlds.
 
 A variant is a set of config overrides (`VARIANTS`); each trains exactly as mode=train would (same data order,
-seed and steps, through `modes.fit`) in <workdir>/<variant>, so a stopped run resumes from its checkpoints, and
+seed and steps, through `modes.fit`; the documents' frozen states computed once for all of them, see
+`train/state_cache.py`) in <workdir>/<variant>, so a stopped run resumes from its checkpoints, and
 a finished variant's scores are kept in <workdir>/<variant>/ablation.json and never recomputed. Scoring is the
 quick evaluator without generation (`quick.evaluate`: teacher-forced NLL, KL and exact match, routing top-1,
 the oracle-routed row and the controls) on `worlds` validation worlds written with our templates and as many
@@ -46,6 +47,8 @@ RESULTS = "ablation.json"
 
 _VARIANTS = flags.DEFINE_list("variants", ["v2"], f"variants to run, in order: {', '.join(VARIANTS)}")
 _WORLDS = flags.DEFINE_integer("worlds", 12, "validation worlds per template set (our templates, held-out ones)")
+_STATE_CACHE = flags.DEFINE_bool("state_cache", True, "every variant trains on the same documents: compute their "
+                                  "frozen states once (train.state_cache; about 14 MB a document on disk)")
 
 
 def variant_config(config, name: str):
@@ -119,6 +122,7 @@ def main(args=()) -> None:
     variant_config(config, name)  # every name and field checked before hours of training
   if _WORLDS.value < 2:
     raise UserError("--worlds must be at least 2 (the wrong-document control needs another world)")
+  config.train.state_cache = _STATE_CACHE.value
   cli.prepare(config)
   documents = {t: data_lib.heldout_documents(config, _WORLDS.value, templates=t) for t in TEMPLATES}
   rows = [run_variant(config, name, workdir, documents) for name in _VARIANTS.value]

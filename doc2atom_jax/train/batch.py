@@ -16,6 +16,7 @@ from doc2atom_jax.atoms import atomize, encode
 from doc2atom_jax.data import prompts
 from doc2atom_jax.data.records import TrainDocument
 from doc2atom_jax.errors import UserError
+from doc2atom_jax.train import state_cache as state_cache_lib
 from doc2atom_jax.train import teacher as teacher_lib
 
 
@@ -29,7 +30,8 @@ def _pad(rows, length, dtype, fill=0):
 def build(model, documents: list[TrainDocument], *, cache: teacher_lib.TeacherCache | None = None,
           k: int = teacher_lib.TOP_K, token_bucket: int = 16, doc_bucket: int = 32, atom_bucket: int = 8,
           span_bucket: int = 16, answer_bucket: int = 8,
-          num_questions: int | None = None, evidence_teacher: bool = True) -> dict:
+          num_questions: int | None = None, evidence_teacher: bool = True,
+          states: state_cache_lib.DocumentStateCache | None = None) -> dict:
   """numpy arrays of one batch; teacher top-K from the cache (computed and stored where missing).
 
   evidence_teacher False: the evidence teacher's fields stay zero and nothing computes them (a loss without
@@ -37,6 +39,9 @@ def build(model, documents: list[TrainDocument], *, cache: teacher_lib.TeacherCa
 
   num_questions pads the question axis to a fixed size (rows with q_valid False), so batches whose
   documents have fewer questions keep the step's compiled shape.
+
+  states: the document-state cache; the batch then carries each atom's frozen span states (`doc_spans`) and the
+  step runs no document pass.
   """
   D = len(documents)
   N = shapes.atom_bucket(max(len(d.doc.atoms) for d in documents), atom_bucket)
@@ -56,6 +61,8 @@ def build(model, documents: list[TrainDocument], *, cache: teacher_lib.TeacherCa
       batch["atom_span_mask"][j, i, :n] = True
       batch["atom_types"][j, i] = atomize.ATOM_TYPES.index(a.type)
       batch["atom_mask"][j, i] = True
+  if states is not None:
+    batch["doc_spans"] = state_cache_lib.span_states(states, model, documents, N, S)
 
   rows = [(j, q) for j, d in enumerate(documents) for q in d.questions]
   texts = [q.answer for _, q in rows]

@@ -27,6 +27,7 @@ BATCH_FIELDS = {
     "doc_tokens": "[D, T] int32", "doc_mask": "[D, T] bool",
     "atom_idx": "[D, N, S] int32 token positions", "atom_span_mask": "[D, N, S] bool",
     "atom_types": "[D, N] int32", "atom_mask": "[D, N] bool (real atom, not padding)",
+    "doc_spans": "[D, N, S, L, d] optional: the atoms' frozen span states from the document-state cache",
     # questions
     "doc_of_q": "[B] int32", "q_tokens": "[B, Tq] question-only prompt", "q_mask": "[B, Tq] bool",
     "q_own": "[B, Tq] bool (the question's own tokens: what the router pools)",
@@ -114,11 +115,14 @@ def loss_fn(trainable, graphdef, base_weights, batch, *, model_cfg, loss_cfg: Lo
   B = batch["doc_of_q"].shape[0]
   atom_mask, doc_of_q = batch["atom_mask"], batch["doc_of_q"]
 
-  # Documents: one frozen pass, span states, one compiler call for every atom of the batch.
-  doc_states = encode.layer_states(base_weights, model_cfg, batch["doc_tokens"], batch["doc_mask"],
-                                   tuple(range(model_cfg.num_layers)))  # [L, D, T, d]
-  spans = jax.vmap(encode.gather_spans, in_axes=(1, 0, 0), out_axes=1)(
-      doc_states, batch["atom_idx"], batch["atom_span_mask"])  # [L, D, N, S, d]
+  # Documents: one frozen pass (or its cached span states), one compiler call for every atom of the batch.
+  if "doc_spans" in batch:
+    spans = jnp.moveaxis(batch["doc_spans"], 3, 0)  # [L, D, N, S, d]
+  else:
+    doc_states = encode.layer_states(base_weights, model_cfg, batch["doc_tokens"], batch["doc_mask"],
+                                     tuple(range(model_cfg.num_layers)))  # [L, D, T, d]
+    spans = jax.vmap(encode.gather_spans, in_axes=(1, 0, 0), out_axes=1)(
+        doc_states, batch["atom_idx"], batch["atom_span_mask"])  # [L, D, N, S, d]
   span_mask = batch["atom_span_mask"] | ~atom_mask[..., None] & (jnp.arange(S) == 0)  # padding reads 1 token
   codes, keys, type_logits = compiler(spans.reshape(model_cfg.num_layers, D * N, S, -1),
                                       span_mask.reshape(D * N, S), batch["atom_types"].reshape(D * N))

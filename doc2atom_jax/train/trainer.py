@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from doc2atom_jax import checkpoint, distributed, fileio, parallel, preemption
 from doc2atom_jax.errors import UserError
 from doc2atom_jax.train import batch as batch_lib
+from doc2atom_jax.train import state_cache as state_cache_lib
 from doc2atom_jax.train import step as step_lib
 from doc2atom_jax.train import teacher as teacher_lib
 
@@ -53,6 +54,7 @@ class TrainConfig:
   rules: tuple = parallel.DEFAULT_RULES  # logical axis -> mesh axes (parallel.rules_for(config.sharding...))
   allow_config_change: bool = False  # resume a workdir whose checkpoint came from another config
   eval_every: int = 0  # steps between held-out evaluations (`eval_fn`); 0 = none during training
+  state_cache: bool = False  # documents' frozen states from the document-state cache (train/state_cache.py)
 
 
 METRICS_FILE, EVAL_FILE = "metrics.jsonl", "eval.jsonl"  # in the workdir, one JSON record a line with its "step"
@@ -244,6 +246,7 @@ def train(system, documents_for_step, tcfg: TrainConfig, loss_cfg: step_lib.Loss
 
   # ---- Loop ----------------------------------------------------------------------------------------------
   cache = teacher_lib.TeacherCache.for_model(model)  # keyed by model, dtype, rendered template, answer format
+  states = state_cache_lib.DocumentStateCache.for_model(model) if tcfg.state_cache else None
   sigterm = preemption.SigtermFlag()
   from tensorboardX import SummaryWriter  # local: only the trainer writes events
 
@@ -255,7 +258,7 @@ def train(system, documents_for_step, tcfg: TrainConfig, loss_cfg: step_lib.Loss
     for step in bar:
       t0 = time.perf_counter()
       batch = batch_lib.build(model, documents_for_step(step), cache=cache, num_questions=local_questions,
-                              evidence_teacher=loss_cfg.atom > 0 and loss_cfg.atom_target == "teacher")
+                              evidence_teacher=loss_cfg.atom > 0 and loss_cfg.atom_target == "teacher", states=states)
       params, opt_state, metrics = run_step(params, opt_state, batch)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       nonfinite = 0 if metrics["finite"] else nonfinite + 1
