@@ -199,9 +199,14 @@ def test_gradients_reach_compiler_router_and_null_never_the_base(setup):
   init_grads = nonzero(grads_of(0, comp))
   assert any("head_b" in k and v for k, v in init_grads.items())
   assert not any(("head_a" in k or "scale_b" in k) and v for k, v in init_grads.items())
+  # The routing loss at init reaches the linear paths (compiler.route_skip) and the MLPs' last layers, which start
+  # at 0 — so not yet their first layers; once the key MLP's last layer has moved, its first layer too.
   route_grads = nonzero(grads_of(1, comp))
-  for name in ("key_w1", "key_w2", "null_key", "w1", "w2"):
-    assert any(name in k and v for k, v in route_grads.items()), name
+  for name in ("[0]/['key_skip']", "[0]/['key_center']", "[0]/['key_w2']", "[0]/['null_key']", "[1]/['q_skip']",
+               "[1]/['q_center']", "[1]/['w2']"):
+    assert route_grads[f"{name}/.value"], name
+  assert not route_grads["[0]/['key_w1']/.value"] and not route_grads["[1]/['w1']/.value"]
+  assert nonzero(grads_of(1, perturbed(comp)))["[0]/['key_w1']/.value"]
 
 
 def test_copy_path_writes_the_copied_tokens_embedding_into_b(setup):
