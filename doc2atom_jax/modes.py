@@ -117,7 +117,7 @@ def compile_documents(config, workdir: pathlib.Path | None) -> pathlib.Path:
   splits = [system.split(text, doc_id) for doc_id, text in todo]
   if not exists:
     bank_lib.create(path, fingerprint=system.fingerprint, code_dtype=config.atoms.code_dtype,
-                    key_dtype=config.atoms.get("key_dtype", "float32"),
+                    key_dtype=config.atoms.get("key_dtype", "float32"), shared_tail=system.cfg.copy_dim,
                     meta={"method": config.atoms.method, "model": system.model.name, "config": config.to_dict()})
   total, start = 0, time.perf_counter()
   with tqdm.tqdm(total=len(todo), desc="compile", unit="doc", dynamic_ncols=True, disable=not todo) as bar:

@@ -4,13 +4,13 @@ A bank stores, per document, its atoms' codes (the compiler's output, turned int
 linear head later), keys (routing vectors), types and provenance. Nothing here is specific to doc2atom:
 a Doc-to-LoRA chunk is an "atom" with a larger rank.
 
-Format (version 1 or 2), a directory:
+Format (version 1, 2 or 3), a directory:
 
-  manifest.json        {"format": "doc2atom-atom-bank", "format_version": 1 | 2, "fingerprint", "meta",
-                        "code_dtype": "bfloat16" | "float32" | "int8" (2), "key_dtype": "float32" |
-                        "bfloat16" (2 only; absent = "float32"), "code_shape": [L, n_t, r, c] | null,
-                        "key_dim": d_k | null, "atom_types": [...], "num_atoms",
-                        "documents": [{"doc_id", "shard", "num_atoms", "bytes", "sha256"}, ...],
+  manifest.json        {"format": "doc2atom-atom-bank", "format_version": 1 | 2 | 3, "fingerprint", "meta",
+                        "code_dtype": "bfloat16" | "float32" | "int8" (2, 3), "key_dtype": "float32" |
+                        "bfloat16" (2, 3 only; absent = "float32"), "shared_tail": k > 0 (3 only),
+                        "code_shape": [L, n_t, r, c] | null, "key_dim": d_k | null, "atom_types": [...],
+                        "num_atoms", "documents": [{"doc_id", "shard", "num_atoms", "bytes", "sha256"}, ...],
                         "checksum": sha256 of the canonical JSON of everything else}
   shards/000042.safetensors
                        one per document; tensors "codes" [n, L, n_t, r, c] (bfloat16 stored as its uint16
@@ -19,14 +19,21 @@ Format (version 1 or 2), a directory:
                        code = int8 * scale, scale = max |code| / 127 over the layer's n_t·r·c entries,
                        0 for an all-zero layer), "keys" [n, d_k] (float32, or bfloat16 as uint16 bits),
                        "types" [n] int32 (indices into "atom_types");
-                       string metadata: format, format_version, doc_id, code_dtype, key_dtype (2 only),
+                       version 3: "codes" holds the first c - k entries, [n, L, n_t, r, c - k], and
+                       "shared_codes" [n, n_t, r, k] the last k, the same at every layer (the compiler's
+                       copy path), stored once per atom in the same dtype (int8: "code_scales" [n, L] for
+                       "codes", "shared_scales" [n] float32 for "shared_codes", absmax over its n_t·r·k);
+                       string metadata: format, format_version, doc_id, code_dtype, key_dtype (2, 3 only),
                        text (the document) and atoms (JSON list of {index, type, char_start, char_end,
                        token_start, token_end}; an atom's text is the document slice, checked on append).
   .lock                flock'ed by appenders, so two writers cannot interleave.
 
 A bank is written as version 1 (byte for byte what older programs write and read) unless it uses int8 codes
-or bfloat16 keys, which need version 2: an older program then refuses the bank by its version instead of
-misreading int8 codes or bfloat16 key bits. Codes and keys load as float32 whatever their storage.
+or bfloat16 keys, which need version 2, or a shared tail (`create(shared_tail=k)`), which needs version 3:
+an older program then refuses the bank by its version instead of misreading int8 codes, bfloat16 key bits or
+split codes. Codes and keys load as float32 whatever their storage, codes whole ([n, L, n_t, r, c]: the
+shared tail broadcast back over the layers); appending codes whose tail differs between layers to a
+shared-tail bank is a UserError, never a silently wrong tail.
 
 `code_shape` and `key_dim` are fixed by the first document appended. Appending writes the new shards
 atomically (temp + fsync + rename), fsyncs the directory, then replaces the manifest atomically: a crash in
@@ -42,7 +49,6 @@ import dataclasses
 import fcntl
 import hashlib
 import json
-import math
 import os
 import pathlib
 from collections.abc import Iterable, Sequence
@@ -55,7 +61,7 @@ from doc2atom_jax import fileio, shapes
 from doc2atom_jax.atoms import atomize
 from doc2atom_jax.errors import UserError
 
-FORMAT_VERSION = 2  # the newest version this program reads and writes (version 1 banks are still written)
+FORMAT_VERSION = 3  # the newest version this program reads and writes (versions 1 and 2 are still written)
 FORMAT_NAME = "doc2atom-atom-bank"
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
@@ -64,7 +70,8 @@ CODE_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "int8": np
 KEY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 _STORED_AS = {"bfloat16": np.uint16, "float32": np.float32, "int8": np.int8}  # the array written to the shard
 INT8_MAX = 127  # int8 codes are symmetric: -127..127
-SCALE_BYTES = 4  # int8 codes: one float32 scale per (atom, layer)
+SCALE_BYTES = 4  # int8 codes: one float32 scale per (atom, layer), and one for an atom's shared tail
+_SHARED_NAMES = {"codes": "shared_codes", "code_scales": "shared_scales"}  # version 3: the tail's tensors
 _FIRST_BUCKET = 64
 _BUCKET_GROWTH = 4
 
@@ -136,23 +143,32 @@ def bucket_size(n: int, bucket_sizes: Sequence[int] | None = None) -> int:
   return min(fitting)
 
 
-def bytes_per_atom(codes_shape: Sequence[int], code_dtype: str = "bfloat16", *, key_dim: int = 0,
-                   key_dtype: str = "float32") -> int:
-  """Storage bytes of one atom's codes (int8: with their per-layer float32 scales), plus its key if
-  `key_dim`, as the shard's tensors hold them.
+def code_numbers(codes_shape: Sequence[int], shared_tail: int = 0) -> int:
+  """Numbers stored for one atom's codes: L·n_t·r·(c - k) + n_t·r·k, the shared tail (k entries) once.
 
   `codes_shape` is (L, n_t, r, c) or a whole codes shape (n, L, n_t, r, c).
   """
   if len(codes_shape) not in (4, 5):
     raise ValueError(f"expected (L, n_t, r, c) or (n, L, n_t, r, c), got {tuple(codes_shape)}")
-  per_atom = codes_shape[-4:]
-  codes = math.prod(per_atom) * np.dtype(_code_dtype(code_dtype)).itemsize
-  scales = per_atom[0] * SCALE_BYTES if code_dtype == "int8" else 0
+  L, n_t, r, c = codes_shape[-4:]
+  if shared_tail < 0 or shared_tail and shared_tail >= c:
+    raise ValueError(f"shared_tail must be in [0, c) (got {shared_tail}, c {c})")
+  return n_t * r * (L * (c - shared_tail) + shared_tail)
+
+
+def bytes_per_atom(codes_shape: Sequence[int], code_dtype: str = "bfloat16", *, key_dim: int = 0,
+                   key_dtype: str = "float32", shared_tail: int = 0) -> int:
+  """Storage bytes of one atom's codes (int8: with their float32 scales, one per layer plus one for a shared
+  tail), plus its key if `key_dim`, as the shard's tensors hold them; `code_numbers` counts the codes.
+  """
+  codes = code_numbers(codes_shape, shared_tail) * np.dtype(_code_dtype(code_dtype)).itemsize
+  scales = (codes_shape[-4] + bool(shared_tail)) * SCALE_BYTES if code_dtype == "int8" else 0
   return codes + scales + key_dim * np.dtype(_key_dtype(key_dtype)).itemsize
 
 
 def quantize_int8(codes) -> tuple[np.ndarray, np.ndarray]:
-  """float codes [..., L, n_t, r, c] -> (int8 codes, float32 scales [..., L]): symmetric absmax per layer.
+  """float codes [..., L, n_t, r, c] -> (int8 codes, float32 scales [..., L]): symmetric absmax per layer
+  (a shared tail [n, n_t, r, k] gets one scale per atom).
 
   scale = max |x| / 127 over the layer's n_t·r·c entries (0 for an all-zero layer); q = round(x / scale), so
   |q · scale - x| <= scale / 2 elementwise (up to float32 rounding of the product).
@@ -172,9 +188,16 @@ def dequantize_int8(q, scales) -> np.ndarray:
   return np.asarray(q, np.float32) * np.asarray(scales, np.float32)[..., None, None, None]
 
 
-def roundtrip_codes(codes, code_dtype: str) -> np.ndarray:
-  """float32 codes as a bank stored as `code_dtype` returns them (rounded or quantized, back in float32)."""
+def roundtrip_codes(codes, code_dtype: str, shared_tail: int = 0) -> np.ndarray:
+  """float32 codes as a bank stored as `code_dtype` (with `shared_tail`) returns them: rounded or quantized,
+  back in float32 (int8: the tail quantized per atom). Codes whose tail differs between layers are a
+  ValueError: such a bank refuses them."""
   _code_dtype(code_dtype)
+  if shared_tail:
+    if not _tail_is_shared(codes, shared_tail):
+      raise ValueError(f"the last {shared_tail} code entries differ between layers: no shared-tail storage")
+    head, tail = _split_tail(codes, shared_tail)
+    return _join_tail(roundtrip_codes(head, code_dtype), roundtrip_codes(tail, code_dtype))
   if code_dtype == "int8":
     return dequantize_int8(*quantize_int8(codes))
   return np.asarray(codes, np.float32).astype(CODE_DTYPES[code_dtype]).astype(np.float32)
@@ -185,8 +208,11 @@ def roundtrip_keys(keys, key_dtype: str = "float32") -> np.ndarray:
   return np.asarray(keys, np.float32).astype(_key_dtype(key_dtype)).astype(np.float32)
 
 
-def format_version(code_dtype: str, key_dtype: str = "float32") -> int:
-  """The format version a bank of these dtypes is written as: 1 unless it needs version 2's int8 or bf16 keys."""
+def format_version(code_dtype: str, key_dtype: str = "float32", shared_tail: int = 0) -> int:
+  """The format version a bank is written as: the oldest that holds it (3: a shared tail; 2: int8 codes or
+  bfloat16 keys; else 1), so older programs read every bank they can."""
+  if shared_tail:
+    return 3
   return 1 if code_dtype in ("bfloat16", "float32") and key_dtype == "float32" else 2
 
 
@@ -194,18 +220,26 @@ def format_version(code_dtype: str, key_dtype: str = "float32") -> int:
 # Public operations.
 
 
-def create(path, *, fingerprint: str, meta: dict, code_dtype: str = "bfloat16", key_dtype: str = "float32") -> None:
-  """Makes a new, empty bank at `path`; an existing bank (or any non-empty directory) is a UserError."""
+def create(path, *, fingerprint: str, meta: dict, code_dtype: str = "bfloat16", key_dtype: str = "float32",
+           shared_tail: int = 0) -> None:
+  """Makes a new, empty bank at `path`; an existing bank (or any non-empty directory) is a UserError.
+
+  `shared_tail` k > 0: the last k entries of every code are the same at every layer (the compiler's copy path,
+  `copy_dim`) and are stored once per atom (version 3), not L times.
+  """
   path = pathlib.Path(path).expanduser()
   _code_dtype(code_dtype)
   _key_dtype(key_dtype)
   if not isinstance(fingerprint, str) or not fingerprint:
     raise UserError("an atom bank needs a non-empty fingerprint string (base model + compiler + config)")
+  if isinstance(shared_tail, bool) or not isinstance(shared_tail, int) or shared_tail < 0:
+    raise UserError(f"an atom bank's shared_tail must be a whole number >= 0, got {shared_tail!r}")
   check_new(path)
-  version = format_version(code_dtype, key_dtype)
+  version = format_version(code_dtype, key_dtype, shared_tail)
   manifest = {"format": FORMAT_NAME, "format_version": version, "fingerprint": fingerprint,
               "meta": _json_roundtrip(meta, "bank metadata"), "code_dtype": code_dtype,
-              **({"key_dtype": key_dtype} if version >= 2 else {}), "code_shape": None,
+              **({"key_dtype": key_dtype} if version >= 2 else {}),
+              **({"shared_tail": shared_tail} if version >= 3 else {}), "code_shape": None,
               "key_dim": None, "atom_types": list(atomize.ATOM_TYPES), "num_atoms": 0, "documents": []}
   (path / SHARD_DIR).mkdir(parents=True, exist_ok=True)
   (path / LOCK).touch()
@@ -311,14 +345,14 @@ def info(path) -> dict:
   path = pathlib.Path(path).expanduser()
   manifest = _read_manifest(path)
   docs = manifest["documents"]
-  shape = manifest["code_shape"]
+  shape, tail = manifest["code_shape"], _manifest_shared_tail(manifest)
   return {"path": str(path), "format_version": manifest["format_version"],
           "fingerprint": manifest["fingerprint"], "meta": manifest["meta"],
           "code_dtype": manifest["code_dtype"], "key_dtype": _manifest_key_dtype(manifest),
-          "code_shape": shape, "key_dim": manifest["key_dim"],
+          "code_shape": shape, "shared_tail": tail, "key_dim": manifest["key_dim"],
           "num_documents": len(docs), "num_atoms": manifest["num_atoms"],
           "bytes": sum(d["bytes"] for d in docs),
-          "bytes_per_atom": bytes_per_atom(shape, manifest["code_dtype"]) if shape else None,
+          "bytes_per_atom": bytes_per_atom(shape, manifest["code_dtype"], shared_tail=tail) if shape else None,
           "doc_ids": [d["doc_id"] for d in docs]}
 
 
@@ -377,6 +411,14 @@ def _check_fit(manifest: dict, documents: list[BankDocument]) -> None:
     if shape != code_shape or dim != key_dim:
       raise UserError(f"document {doc.doc_id!r}: codes [L, n_t, r, c] = {shape} and key size {dim} do not "
                       f"match the atom bank's {code_shape} and {key_dim}")
+    tail = _manifest_shared_tail(manifest)
+    if tail and tail >= shape[-1]:
+      raise UserError(f"document {doc.doc_id!r}: codes of {shape[-1]} entries cannot have the atom bank's "
+                      f"shared tail of {tail} entries")
+    if tail and not _tail_is_shared(doc.codes, tail):
+      raise UserError(f"document {doc.doc_id!r}: the last {tail} code entries differ between layers, but the "
+                      f"atom bank stores them once per atom (shared_tail {tail}); compile with copy_dim {tail}, "
+                      "or use a bank created with shared_tail=0")
     code_dtype, key_dtype = manifest["code_dtype"], _manifest_key_dtype(manifest)
     if code_dtype != "int8" and not np.all(np.isfinite(roundtrip_codes(doc.codes, code_dtype))):
       raise UserError(f"document {doc.doc_id!r}: codes overflow {code_dtype}; store the bank in float32")
@@ -418,7 +460,7 @@ def _write_shard(path: pathlib.Path, number: int, doc: BankDocument, manifest: d
 
 def _encode_shard(doc: BankDocument, manifest: dict) -> bytes:
   code_dtype, key_dtype, version = manifest["code_dtype"], _manifest_key_dtype(manifest), manifest["format_version"]
-  tensors = {**_code_tensors(doc.codes, code_dtype),
+  tensors = {**_code_tensors(doc.codes, code_dtype, _manifest_shared_tail(manifest)),
              "keys": _key_tensor(doc.keys, key_dtype),
              "types": np.array([atomize.ATOM_TYPES.index(a.type) for a in doc.atoms], np.int32)}
   atoms = [_atom_record(a) for a in doc.atoms]
@@ -434,9 +476,14 @@ def _atom_record(atom: atomize.Atom) -> dict:
           "char_end": int(atom.char_end), "token_start": int(atom.token_start), "token_end": int(atom.token_end)}
 
 
-def _code_tensors(codes, code_dtype: str) -> dict[str, np.ndarray]:
+def _code_tensors(codes, code_dtype: str, shared_tail: int = 0) -> dict[str, np.ndarray]:
   """float32 codes -> the tensors written to disk: "codes" (bfloat16 as its uint16 bit pattern; int8 with
-  "code_scales" [n, L] float32)."""
+  "code_scales" [n, L] float32); with a shared tail, "codes" holds the per-layer part and "shared_codes"
+  (int8: with "shared_scales" [n]) the tail, once per atom."""
+  if shared_tail:
+    head, tail = _split_tail(codes, shared_tail)
+    return {**_code_tensors(head, code_dtype),
+            **{_SHARED_NAMES[name]: t for name, t in _code_tensors(tail, code_dtype).items()}}
   if code_dtype == "int8":
     q, scales = quantize_int8(codes)
     return {"codes": np.ascontiguousarray(q), "code_scales": np.ascontiguousarray(scales, np.float32)}
@@ -444,15 +491,19 @@ def _code_tensors(codes, code_dtype: str) -> dict[str, np.ndarray]:
   return {"codes": np.ascontiguousarray(cast.view(_STORED_AS[code_dtype]))}
 
 
-def _loaded_codes(tensors: dict, code_dtype: str) -> np.ndarray:
+def _loaded_codes(tensors: dict, code_dtype: str, shared_tail: int = 0) -> np.ndarray:
   """The shard's code tensors -> float32 codes (the inverse of `_code_tensors`, up to its rounding)."""
+  if shared_tail:
+    tail = _loaded_codes({name: tensors[shared] for name, shared in _SHARED_NAMES.items()
+                          if name == "codes" or code_dtype == "int8"}, code_dtype)
+    return _join_tail(_loaded_codes(tensors, code_dtype), tail)
   stored = tensors["codes"]
   if stored.dtype != _STORED_AS[code_dtype]:
     raise ValueError(f"codes are {stored.dtype}, expected {np.dtype(_STORED_AS[code_dtype])} for {code_dtype}")
   if code_dtype == "int8":
     scales = tensors["code_scales"]
-    if scales.dtype != np.float32 or scales.shape != stored.shape[:2]:
-      raise ValueError(f"code_scales are {scales.dtype} {scales.shape}, expected float32 {stored.shape[:2]}")
+    if scales.dtype != np.float32 or scales.shape != stored.shape[:-3]:
+      raise ValueError(f"code_scales are {scales.dtype} {scales.shape}, expected float32 {stored.shape[:-3]}")
     return dequantize_int8(stored, scales)
   return stored.view(CODE_DTYPES[code_dtype]).astype(np.float32)
 
@@ -474,22 +525,32 @@ def _read_shard(path: pathlib.Path, entry: dict, manifest: dict) -> tuple[BankDo
   """One verified shard as (document with float32 codes, types)."""
   file = path / entry["shard"]
   data = _verified_bytes(file, entry)
+  expected = _stored_shapes(entry["num_atoms"], manifest)
   try:
     tensors = safetensors.numpy.load(data)
     meta = _shard_metadata(data)
     atoms = tuple(atomize.Atom(doc_id=entry["doc_id"], text=meta["text"][a["char_start"]:a["char_end"]], **a)
                   for a in json.loads(meta["atoms"]))
-    code_dtype, key_dtype = meta["code_dtype"], meta.get("key_dtype", "float32")  # version 1: no key_dtype
+    doc_id, text, code_dtype = meta["doc_id"], meta["text"], meta["code_dtype"]
+    key_dtype = meta.get("key_dtype", "float32")  # version 1: no key_dtype
     _code_dtype(code_dtype), _key_dtype(key_dtype)
-    doc = BankDocument(meta["doc_id"], meta["text"], atoms, _loaded_codes(tensors, code_dtype),
-                       _loaded_keys(tensors["keys"], key_dtype))
-    types = tensors["types"]
+    stored = {name: tensors[name].shape for name in expected if name in tensors}
+    # Decoded only when the stored shapes are the manifest's: a split code must not join into a wrong one.
+    codes = _loaded_codes(tensors, code_dtype, _manifest_shared_tail(manifest)) if stored == expected else None
+    keys, types = _loaded_keys(tensors["keys"], key_dtype), tensors["types"]
   except Exception as e:  # sha256 matched, so only a hand-made or foreign file gets here
     raise UserError(f"{file} is not a valid atom bank shard ({type(e).__name__}: {e})") from None
-  expected = (entry["num_atoms"], *manifest["code_shape"])
-  if doc.doc_id != entry["doc_id"] or doc.codes.shape != expected or len(atoms) != len(types):
-    raise UserError(f"{file} does not match {path / MANIFEST} (document {doc.doc_id!r}, codes {doc.codes.shape})")
-  return doc, types
+  if codes is None or doc_id != entry["doc_id"] or len(atoms) != len(types):
+    raise UserError(f"{file} does not match {path / MANIFEST} (document {doc_id!r}, code tensors {stored}, "
+                    f"expected {expected})")
+  return BankDocument(doc_id, text, atoms, codes, keys), types
+
+
+def _stored_shapes(num_atoms: int, manifest: dict) -> dict[str, tuple]:
+  """The shapes of a shard's code tensors, as the manifest describes the bank."""
+  L, n_t, r, c = manifest["code_shape"]
+  k = _manifest_shared_tail(manifest)
+  return {"codes": (num_atoms, L, n_t, r, c - k), **({"shared_codes": (num_atoms, n_t, r, k)} if k else {})}
 
 
 def _shard_metadata(data: bytes) -> dict:
@@ -588,6 +649,29 @@ def _key_dtype(name: str):
 
 def _manifest_key_dtype(manifest: dict) -> str:
   return manifest.get("key_dtype", "float32")  # version 1 manifests have none: float32
+
+
+def _manifest_shared_tail(manifest: dict) -> int:
+  return manifest.get("shared_tail", 0)  # versions 1 and 2 have none: every layer's codes whole
+
+
+def _tail_is_shared(codes, shared_tail: int) -> bool:
+  """Whether the last `shared_tail` entries of codes [..., L, n_t, r, c] are the same at every layer (exact)."""
+  tail = np.asarray(codes, np.float32)[..., -shared_tail:]
+  return bool(np.all(tail == tail[..., :1, :, :, :]))
+
+
+def _split_tail(codes, shared_tail: int) -> tuple[np.ndarray, np.ndarray]:
+  """codes [..., L, n_t, r, c] -> (per-layer part [..., L, n_t, r, c - k], layer 0's tail [..., n_t, r, k])."""
+  x = np.asarray(codes, np.float32)
+  c = x.shape[-1] - shared_tail
+  return x[..., :c], x[..., 0, :, :, c:]
+
+
+def _join_tail(head: np.ndarray, tail: np.ndarray) -> np.ndarray:
+  """The inverse of `_split_tail`: the tail broadcast back over the layers, after the per-layer part."""
+  tail = np.broadcast_to(tail[..., None, :, :, :], (*head.shape[:-1], tail.shape[-1]))
+  return np.concatenate([head, tail], axis=-1)
 
 
 def _json_roundtrip(value, what: str):

@@ -2,7 +2,9 @@
 
 Bytes are formulas of the shapes, so they are exact and testable by hand; seconds are measured (median of a
 few repetitions after a warm-up that absorbs compilation). Storage forms:
-- `codes`: an atom as its codes, `L·n_t·r·c` numbers (the compiler's head is linear, so this is exact);
+- `codes`: an atom as its codes, `L·n_t·r·(c - k) + n_t·r·k` numbers (the compiler's head is linear, so this
+  is exact): the copy path's k = `copy_dim` entries are the same at every layer and counted once, as the bank
+  stores them (atoms/bank.py `shared_tail`);
 - `factors`: the materialized LoRA factors, `L·r·Σ_t (d_in + d_out)` numbers per atom;
 - routed methods add each atom's key (`d_k` numbers, float32 or bfloat16: `key_dtype`) to both forms: the
   router needs it;
@@ -10,8 +12,8 @@ few repetitions after a warm-up that absorbs compilation). Storage forms:
 - `keys+text`: rag_atoms keeps the keys and the document's UTF-8 text (it re-reads the text at answer time).
 Codes, factors and the KV cache are counted at the same storage dtype (bfloat16 by default), so the ratios
 compare forms, not precisions; except that codes given a bank `code_dtype` are counted as the bank stores
-them (int8: 1 byte a number plus a float32 scale per atom and layer), next to factors and a KV cache at
-`float_bytes(code_dtype)` (bfloat16's 2 bytes for int8 codes).
+them (int8: 1 byte a number plus a float32 scale per atom and layer, and one for the shared tail), next to
+factors and a KV cache at `float_bytes(code_dtype)` (bfloat16's 2 bytes for int8 codes).
 """
 
 import statistics
@@ -40,14 +42,16 @@ def float_bytes(code_dtype: str) -> int:
 
 
 def code_bytes(compiler_cfg, atoms: int, number_bytes: int = 2, *, code_dtype: str | None = None) -> int:
-  """Codes of `atoms` atoms: atoms · L · n_t · r · c numbers of `number_bytes` each; or, given a bank
-  `code_dtype` (which then replaces `number_bytes`), the bytes the bank stores (int8: 1 a number + 4 per
-  atom and layer for its scale; atoms/bank.py `bytes_per_atom`)."""
+  """Codes of `atoms` atoms: atoms · n_t · r · (L · (c - k) + k) numbers of `number_bytes` each, the copy
+  path's k = copy_dim entries once (they are the same at every layer); or, given a bank `code_dtype` (which
+  then replaces `number_bytes`), the bytes the bank stores (int8: 1 a number + 4 per atom and layer for its
+  scale, + 4 for the shared tail's; atoms/bank.py `bytes_per_atom`). Both count the tail once, as compile
+  mode's bank (`shared_tail=copy_dim`) stores it."""
   c = compiler_cfg
   shape = (c.num_layers, c.num_targets, c.rank, c.code_dim)
   if code_dtype is not None:
-    return atoms * bank_lib.bytes_per_atom(shape, code_dtype)
-  return atoms * c.num_layers * c.num_targets * c.rank * c.code_dim * number_bytes
+    return atoms * bank_lib.bytes_per_atom(shape, code_dtype, shared_tail=c.copy_dim)
+  return atoms * bank_lib.code_numbers(shape, c.copy_dim) * number_bytes
 
 
 def factor_bytes(compiler_cfg, atoms: int, number_bytes: int = 2) -> int:

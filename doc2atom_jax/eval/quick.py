@@ -35,11 +35,13 @@ ORACLE = "doc2atom_oracle"  # the evidence atoms at uniform weight: the compiler
 
 
 def in_memory_bank(documents: list[bank_lib.BankDocument], code_dtype: str = "bfloat16",
-                   key_dtype: str = "float32") -> bank_lib.AtomBank:
-  """The bank these documents would load as from disk (codes and keys rounded or quantized as stored)."""
+                   key_dtype: str = "float32", shared_tail: int = 0) -> bank_lib.AtomBank:
+  """The bank these documents would load as from disk (codes and keys rounded or quantized as stored);
+  `shared_tail`: the bank's (compile mode's is the compiler's copy_dim), which changes int8 codes' scales."""
   if not any(len(d.atoms) for d in documents):
     raise UserError("empty bank: no document with atoms to route over or compose")
-  codes = bank_lib.roundtrip_codes(np.concatenate([d.codes for d in documents]), code_dtype)  # as bank.py stores
+  codes = bank_lib.roundtrip_codes(np.concatenate([d.codes for d in documents]), code_dtype,  # as bank.py stores
+                                   shared_tail)
   keys = bank_lib.roundtrip_keys(np.concatenate([d.keys for d in documents]), key_dtype)
   atoms = [a for d in documents for a in d.atoms]
   return bank_lib.AtomBank(
@@ -95,7 +97,8 @@ def evaluate(system, documents, *, max_new_tokens: int = 12, generate: bool = Tr
   """
   model = system.model
   per = collections.defaultdict(lambda: collections.defaultdict(list))
-  banks = [in_memory_bank([system.compile_document(doc.text, doc.doc_id)]) for doc in documents]
+  banks = [in_memory_bank([system.compile_document(doc.text, doc.doc_id)], shared_tail=system.cfg.copy_dim)
+           for doc in documents]
   for j, doc in enumerate(tqdm.tqdm(documents, desc=progress, unit="doc", dynamic_ncols=True,
                                     disable=progress is None)):
     td = data_lib.to_train_document(doc, model.tokenizer)
@@ -168,7 +171,7 @@ def calibrate_abstention(system, documents, false_refusal: float) -> dict:
   questions that the lexical check lets through: below it, about `false_refusal` of them would be refused."""
   margins = []
   for doc in documents:
-    bank = in_memory_bank([system.compile_document(doc.text, doc.doc_id)])
+    bank = in_memory_bank([system.compile_document(doc.text, doc.doc_id)], shared_tail=system.cfg.copy_dim)
     asked = [q.question for q in doc.questions if q.kind != "out_of_scope"]
     if not asked:
       continue
