@@ -167,7 +167,8 @@ def measure_documents(system, config, s: dict, log, step: Callable[[], None] = l
          "compile_seconds": timed(compile_once, repeats)}
     r["atoms"] = len(compiled[-1].atoms)
     # The timed compile is the document's internalization; the bank is what `ask` would load from disk.
-    bank = quick.in_memory_bank([compiled[-1]], config.atoms.code_dtype, config.atoms.key_dtype)
+    bank = quick.in_memory_bank([compiled[-1]], config.atoms.code_dtype, config.atoms.key_dtype,
+                                shared_tail=system.cfg.copy_dim)
     context = model.config.max_position_embeddings
     ids = np.asarray(model.encode(text), np.int32)[:context]
     r["forward_seconds"] = timed(_forward_fn(model, *encode.padded_document(ids, context)), repeats)

@@ -438,7 +438,7 @@ def export(config, workdir: pathlib.Path | None) -> dict:
 
       compiled = system.compile_document(document, e.doc_id or "document")
       bank = quick.in_memory_bank([compiled], code_dtype=config.atoms.code_dtype,  # as compile -> ask sees it
-                                  key_dtype=config.atoms.get("key_dtype", "float32"))
+                                  key_dtype=config.atoms.get("key_dtype", "float32"), shared_tail=system.cfg.copy_dim)
     doc_id = (e.doc_id or "document") if document else (e.doc_id or None)
     indices, weights, abstain = system.select(bank, [question], doc_id)
     adapter = system.adapter(bank, indices, weights)

@@ -56,14 +56,15 @@ def check_trained(meta: dict, what: str, model_name: str, method: str) -> None:
 
 def _route_skip(config, params: str | None) -> bool:
   """compiler.route_skip, except for an export that predates it (its run config has no such field): those
-  were trained without the linear path, and still load."""
+  were trained without the linear path, and still load. An export without a run config (`checkpoint.export_params`
+  called directly) says nothing either way: the config's value."""
   params = config.params if params is None else params
   if params:
     try:
-      trained = (export_meta(params).get("run") or {}).get("compiler") or {}
+      trained = (export_meta(params).get("run") or {}).get("compiler")
     except UserError:
       trained = None  # not an export: load_params says why
-    if trained is not None and "route_skip" not in trained:
+    if isinstance(trained, dict) and "route_skip" not in trained:
       return False
   return bool(config.compiler.get("route_skip", True))
 

@@ -23,7 +23,8 @@ def test_quickstart_main_job_end_to_end_on_the_bundled_model(tmp_path):
   steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert steps == [1, 2, 3]
   report = json.loads((tmp_path / "results.json").read_text())
-  assert set(report["methods"]) == {"no_context", "in_context", "doc2atom", "default_only", "wrong_document"}
+  assert set(report["methods"]) == {"no_context", "in_context", "doc2atom", "doc2atom_oracle", "default_only",
+                                      "wrong_document"}
   assert report["methods"]["in_context"]["nll"] < report["methods"]["no_context"]["nll"]  # the teacher knows more
   controls = ["untrained compiler", "default adapter only", "atoms of another document"]
   assert [(r["metric"], r["control"]) for r in report["learning_check"]] == [

@@ -85,7 +85,8 @@ class Ranked:
 def rank_document(system, doc: runner.EvalDocument) -> Ranked:
   """Compiles `doc`, asks its questions through `system.select`, and ranks its atoms by every method."""
   split = system.split(doc.text, doc.doc_id)
-  bank = quick.in_memory_bank([system.compile_document(doc.text, doc.doc_id, split)])
+  bank = quick.in_memory_bank([system.compile_document(doc.text, doc.doc_id, split)],
+                              shared_tail=system.cfg.copy_dim)
   questions = [q.question for q in doc.questions]
   _, _, abstain = system.select(bank, questions)
   states, own = system.question_states(questions)

@@ -330,7 +330,8 @@ class DocumentRun:
 
   def use_compiled(self, system_name: str, compiled) -> None:
     """Adopts a compilation of this document made (and timed) elsewhere as `bank(system_name)`."""
-    self.banks[system_name] = quick.in_memory_bank([compiled], self.code_dtype, self.key_dtype)
+    self.banks[system_name] = quick.in_memory_bank([compiled], self.code_dtype, self.key_dtype,
+                                                   shared_tail=self.systems[system_name].cfg.copy_dim)
 
   def route(self, rows: tuple[int, ...]):
     """The router's (indices, weights, abstain) for question rows, computed once for rag_atoms and doc2atom."""

@@ -47,6 +47,19 @@ def test_document_bytes_per_method_and_form():
   assert d2l == {"codes": 30 * 8 * 256 * 2, "factors": 30 * 8 * 2112 * 2} == {"codes": 122_880, "factors": 1_013_760}
 
 
+def test_the_quickstart_atom_stores_its_copied_entries_once():
+  """The quickstart's compiler (c = 640, of which the copy path's 576 are the same at every layer): the bank keeps
+  those once per atom, so an atom costs 30 · 64 + 576 numbers, not 30 · 640 (README's memory paragraph)."""
+  quick = CompilerConfig(num_layers=30, hidden_size=576, target_dims=((1536, 576),), rank=1, code_dim=640,
+                         copy_dim=576, key_dim=128)
+  assert costs.code_bytes(quick, 1) == (30 * 64 + 576) * 2 == 4_992  # not 38_400
+  assert costs.code_bytes(quick, 1, code_dtype="int8") == 30 * 64 + 576 + 4 * 31 == 2_620
+  doc = costs.document_bytes("doc2atom", tokens=2048, atoms=72, text_bytes=9_000, compiler_cfg=quick,
+                             model_cfg=SMOLLM2, trunc_tokens=256)
+  assert doc["codes"] == 72 * (4_992 + 512) == 396_288
+  assert doc["codes"] / costs.kv_cache_bytes(SMOLLM2, 2048) == pytest.approx(0.0084, abs=1e-4)
+
+
 def test_mean_bytes_over_documents():
   assert costs.mean_bytes([{"codes": 10, "factors": 100}, {"codes": 21, "factors": 200}]) == {"codes": 16,
                                                                                               "factors": 150}
