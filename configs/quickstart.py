@@ -133,8 +133,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.mesh = (-1, 1, 1)  # (data, fsdp, tensor); -1 = the remaining devices
   c.train.allow_config_change = False
   c.train.eval_every = 25  # held-out KL and routing top-1 on the eval documents every this many steps; 0 = off
-  # Cache each training document's frozen layer states on disk (train/state_cache.py; ~14 MB per 200-token
-  # document here): for runs that revisit a corpus (sweeps, ablations); the main job sees each document once.
+  # Cache each training document's frozen layer states on disk (train/state_cache.py; ~5.6 MB per world
+  # of 4-8 facts here): for runs that revisit a corpus (sweeps, ablations); the main job sees each document once.
   c.train.state_cache = False
   # How parameters, optimizer state, batches and banks lie on train.mesh (doc2atom_jax/parallel.py PLANS):
   # dp (replicated weights), fsdp (weights + Adam split over fsdp), fsdp_tp (+ tensor parallel; the default).

@@ -48,7 +48,7 @@ RESULTS = "ablation.json"
 _VARIANTS = flags.DEFINE_list("variants", ["v2"], f"variants to run, in order: {', '.join(VARIANTS)}")
 _WORLDS = flags.DEFINE_integer("worlds", 12, "validation worlds per template set (our templates, held-out ones)")
 _STATE_CACHE = flags.DEFINE_bool("state_cache", True, "every variant trains on the same documents: compute their "
-                                  "frozen states once (train.state_cache; about 14 MB a document on disk)")
+                                  "frozen states once (train.state_cache; about 6 MB a main-job document on disk)")
 
 
 def variant_config(config, name: str):
