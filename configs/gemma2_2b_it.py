@@ -55,6 +55,7 @@ def get_config(arg: str | None = None):
   c.train.learning_rate = 4e-5
   c.train.warmup_steps = 100
   c.train.weight_decay = 0.01
+  c.train.schedule = "cosine"
   c.train.checkpoint_every = 1000
   c.train.mesh = (-1, FSDP, 1)
   # fsdp, not the default fsdp_tp: with no tensor axis, fsdp_tp would leave the compiler's head maps (L x c x d_ff,

@@ -37,7 +37,8 @@ VARIANTS = {
                   {"compiler.code_dim": 640, "compiler.copy_dim": 576}),
     "shared_head": ("one head shared by every layer (per-layer scalers kept)", {"compiler.shared_head": True}),
     "lr3e-3": ("learning rate 3e-3", {"train.learning_rate": 3e-3}),
-    "constant_lr": ("constant learning rate after warmup", {"train.schedule": "constant"}),
+    "constant_lr": ("constant learning rate after warmup (the default since this ablation)", {"train.schedule": "constant"}),
+    "cosine_lr": ("cosine decay to 10% after warmup (the default before constant_lr)", {"train.schedule": "cosine"}),
     "docs2": ("2 documents a step (twice the data and the time)", {"data.documents_per_step": 2}),
 }
 COLUMNS = (("doc2atom", "tf_em"), ("doc2atom", "nll"), ("doc2atom", "route_top1"), (quick.ORACLE, "tf_em"),
