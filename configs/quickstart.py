@@ -1,6 +1,6 @@
 """The embedded default, the main job: the bundled SmolLM2-135M-Instruct learns to compile invented documents.
 
-Run (train -> held-out evaluation with the learning check -> params-only Orbax export; ~19 min on 2 cores cold, ~10.5 warm):
+Run (train -> held-out evaluation with the learning check -> params-only Orbax export; ~19 min on 2 cores cold, ~13 warm):
   python -m doc2atom_jax.main --config=configs/quickstart.py --workdir=runs/quickstart
 The Doc-to-LoRA baselines, same budget: --config=configs/quickstart.py:d2l (or :d2l_atom).
 Documents -> an atom bank with the trained compiler, then a question against it:
