@@ -46,10 +46,14 @@ def fake_python(path: pathlib.Path, record: str) -> pathlib.Path:
   FAKE_SLEEP/10 s (SIGTERM: they note it in `record`.term and exit 0)."""
   return executable(path, f"""#!/usr/bin/env bash
 if [ "$1" = -c ]; then exit 0; fi
-{shlex.quote(sys.executable)} - "$@" >> "{record}" <<'EOF'
-import json, os, sys
-print(json.dumps({{"argv": sys.argv[1:], "cwd": os.getcwd(),
-                  "env": {{k: os.environ.get(k) for k in {RECORDED_ENV!r}}}}}))
+{shlex.quote(sys.executable)} - "{record}" "$@" <<'EOF'
+import fcntl, json, os, sys
+line = json.dumps({{"argv": sys.argv[2:], "cwd": os.getcwd(),
+                   "env": {{k: os.environ.get(k) for k in {RECORDED_ENV!r}}}}}) + "\\n"
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)  # one whole line per process, even with PYTHONUNBUFFERED (two writes per print)
+os.write(fd, line.encode())
+os.close(fd)
 EOF
 id=x
 for a in "$@"; do case "$a" in --config.distributed.process_id=*) id=${{a#*=}} ;; esac; done
