@@ -162,9 +162,18 @@ def unseen_synthetic(count: int, sizes: Sequence[int], *, seed: int, questions: 
 _SYNTHETIC_ID = re.compile(r"^synthetic-train-(?P<seed>\d+)-(?P<index>\d+)$")
 
 
+def spread_steps(trained_steps: int, count: int) -> list[int]:
+  """Every step of the run once, starting from `count` evenly spaced ones (0, n/count, 2n/count, ...), so the first
+  `count` distinct documents found sample the whole run (every curriculum stage), not its first steps."""
+  first = list(dict.fromkeys(int(i * trained_steps / count) for i in range(count))) if count > 0 else []
+  taken = set(first)
+  return first + [s for s in range(trained_steps) if s not in taken]
+
+
 def seen_synthetic(run: Mapping, trained_steps: int, count: int, tokenizer) -> list[EvalDocument]:
-  """The first `count` documents the training run visited (its data order, replayed), asked in the paraphrase
-  training never used (2): seen worlds, new questions. Empty for a run trained on real QA."""
+  """`count` documents the training run visited (its data order, replayed), from steps spread over the whole run
+  (`spread_steps`), asked in the paraphrase training never used (2): seen worlds, new questions. Empty for a run
+  trained on real QA."""
   import ml_collections  # pylint: disable=import-outside-toplevel
   from doc2atom_jax.train import data as data_lib  # pylint: disable=import-outside-toplevel  (tfds is slow)
 
@@ -174,7 +183,7 @@ def seen_synthetic(run: Mapping, trained_steps: int, count: int, tokenizer) -> l
   stages = data_lib.curriculum_stages(data.get("curriculum") or ())
   documents_for_step = data_lib.source_from_config(ml_collections.ConfigDict({"seed": run["seed"], "data": data}))
   found: dict[str, EvalDocument] = {}
-  for step in range(trained_steps):
+  for step in spread_steps(trained_steps, count):
     facts = stages[data_lib.stage_index(stages, step)][1] if stages else data["facts_per_document"]
     for trained in documents_for_step(step, tokenizer):
       m = _SYNTHETIC_ID.match(trained.doc.doc_id)

@@ -327,3 +327,9 @@ def test_eval_mode_end_to_end_on_a_trained_export(tmp_path):
   assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
   assert [l for l in bad.stderr.splitlines() if l.startswith("error:")] == [
       f"error: unknown eval method(s) 'magic'; valid: {', '.join(runner.METHODS)}"]
+
+
+def test_seen_worlds_sample_the_whole_run():
+  steps = runner.spread_steps(450, 5)
+  assert steps[:5] == [0, 90, 180, 270, 360] and sorted(steps) == list(range(450))  # every step once, spread first
+  assert runner.spread_steps(3, 5) == [0, 1, 2] and runner.spread_steps(4, 0) == [0, 1, 2, 3]
