@@ -151,22 +151,35 @@ def generate_from_prefix(weights, cfg, prefix: decoder_lib.KVCache, tokens, mask
                  greedy)
 
 
-def continue_prefix(weights, cfg, prefix: decoder_lib.KVCache, tokens, mask, prefix_length, answer_slots: int):
-  """The prefix cache broadcast over B rows, the left-padded suffixes [B, S] run through it: (last-position
-  logits [B, V] float32, the cache: prefix slots, the S suffix slots, then `answer_slots` free slots).
-
-  The cache is sized here from S: a write past its end would be clamped by `dynamic_update_slice` onto the
-  prefix's slots, silently.
-  """
-  batch = tokens.shape[0]
-  extra = tokens.shape[1] + answer_slots
+def broadcast_prefix(prefix: decoder_lib.KVCache, batch: int, extra: int, prefix_length) -> decoder_lib.KVCache:
+  """One prefix cache (batch 1) as the cache of `batch` rows, `extra` free slots after the prefix's: slots at
+  positions >= `prefix_length` (an int32 scalar, traced) are marked invalid (see `generate_from_prefix`)."""
   layers, _, slots, kv_heads, head_dim = prefix.k.shape
   kv = lambda x: jnp.pad(jnp.broadcast_to(x, (layers, batch, slots, kv_heads, head_dim)),
                          ((0, 0), (0, 0), (0, extra), (0, 0), (0, 0)))
   rows = lambda x: jnp.pad(jnp.broadcast_to(x, (batch, slots)), ((0, 0), (0, extra)))
   valid = prefix.valid & (prefix.positions < prefix_length)
-  cache = decoder_lib.KVCache(kv(prefix.k), kv(prefix.v), rows(prefix.positions), rows(valid), prefix.length)
-  out = decoder_lib.forward(weights, cfg, tokens, attention_mask=mask, cache=cache, compute_logits=False)
+  return decoder_lib.KVCache(kv(prefix.k), kv(prefix.v), rows(prefix.positions), rows(valid), prefix.length)
+
+
+def run_suffixes(weights, cfg, prefix: decoder_lib.KVCache, tokens, mask, prefix_length,
+                 answer_slots: int = 0) -> decoder_lib.DecoderOutput:
+  """The prefix cache broadcast over B rows, the left-padded suffixes [B, S] run through it: the decoder's
+  output with the final hidden states of every suffix column [B, S, d] (no logits) and the cache (prefix
+  slots, the S suffix slots, then `answer_slots` free slots). Suffix tokens take the positions after the
+  prefix's first `prefix_length` tokens (`decoder.forward` counts from the cache's valid positions).
+
+  The cache is sized here from S: a write past its end would be clamped by `dynamic_update_slice` onto the
+  prefix's slots, silently.
+  """
+  cache = broadcast_prefix(prefix, tokens.shape[0], tokens.shape[1] + answer_slots, prefix_length)
+  return decoder_lib.forward(weights, cfg, tokens, attention_mask=mask, cache=cache, compute_logits=False)
+
+
+def continue_prefix(weights, cfg, prefix: decoder_lib.KVCache, tokens, mask, prefix_length, answer_slots: int):
+  """`run_suffixes` read at the last column: (last-position logits [B, V] float32, the cache: prefix slots,
+  the S suffix slots, then `answer_slots` free slots)."""
+  out = run_suffixes(weights, cfg, prefix, tokens, mask, prefix_length, answer_slots)
   return decoder_lib.logits_from_hidden(weights, cfg, out.hidden[:, -1]), out.cache
 
 
