@@ -59,6 +59,8 @@ DEFAULTS = {"documents": routing.DEFAULTS["documents"], "sizes": routing.DEFAULT
             "templates": ("seen", "unseen"), "split": "validation", "start": 20_000, "seed": 0}
 
 # --documents and --sizes are routing.py's flags (imported above): the same worlds, the same meaning.
+_SPLIT = flags.DEFINE_enum("split", None, ("validation", "test"), "validation: routing.py's worlds (default); test: "
+                          "mode=eval's unseen worlds, the same documents and questions as its synthetic_unseen")
 _TEMPLATES = flags.DEFINE_list("templates", None, f"template sets, comma-separated: some of "
                                f"{', '.join(synthetic.TEMPLATES)} (default seen,unseen)")
 
@@ -243,6 +245,16 @@ def worlds(templates: str, *, documents: int, sizes: Sequence[int], split: str =
           for s in sizes for i in range(documents)]
 
 
+def documents_of(options: dict, templates: str, *, seed: int, questions: int) -> list[runner.EvalDocument]:
+  """The worlds `settings` names: split "test" = mode=eval's unseen worlds (`runner.unseen_synthetic`, the same
+  documents and questions its synthetic_unseen scores, with the config's seed and questions per document); else
+  routing.py's validation worlds (`worlds`)."""
+  if options["split"] == "test":
+    return runner.unseen_synthetic(options["documents"], options["sizes"], seed=seed, questions=questions,
+                                   templates=templates)
+  return worlds(templates, **{k: v for k, v in options.items() if k != "templates"})
+
+
 def rows_of(templates: str, result: dict) -> list[dict]:
   """`measure`'s result as table rows: one per setting, then one per setting on the shared-entity subset."""
   base = {"templates": templates, "documents": result["documents"], "atoms": result["atoms"]}
@@ -278,7 +290,7 @@ def settings(config) -> dict:
   if section is not None:
     out.update({k: v for k, v in section.items() if k in DEFAULTS})
   for name, value in (("documents", flags.FLAGS["documents"].value), ("sizes", flags.FLAGS["sizes"].value),
-                      ("templates", _TEMPLATES.value)):
+                      ("templates", _TEMPLATES.value), ("split", _SPLIT.value)):
     if value is not None:
       out[name] = value
   try:
@@ -292,7 +304,7 @@ def settings(config) -> dict:
 
 def main(args=()) -> None:
   """`python -m doc2atom_jax.eval.bank_scale --config=<file>.py [--documents=N] [--sizes=a,b] [--templates=t]
-  [--workdir=DIR]`."""
+  [--split=validation|test] [--workdir=DIR]`."""
   del args
   config = cli.config()
   options = settings(config)
@@ -305,7 +317,7 @@ def main(args=()) -> None:
   rows, seconds = [], {}
   for t in options["templates"]:
     start = time.perf_counter()
-    docs = worlds(t, **{k: v for k, v in options.items() if k != "templates"})
+    docs = documents_of(options, t, seed=config.seed, questions=config.data.questions_per_document)
     rows += rows_of(t, measure(system, docs, progress=f"bank {t}", **dtypes))
     seconds[t] = round(time.perf_counter() - start, 1)
   table = format_table(rows)

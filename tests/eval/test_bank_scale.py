@@ -155,3 +155,12 @@ def test_command_line_prints_the_table_and_writes_files(tmp_path):
                                           ("--sizes=4,x", "sizes"), ("--templates=seen,odd", "templates must be")])
 def test_command_line_bad_values_are_one_error_line(flag, needle):
   assert_user_error(run_module("doc2atom_jax.eval.bank_scale", "--config=configs/tiny.py", flag), needle)
+
+
+def test_the_test_split_is_mode_evals_unseen_worlds():
+  options = {**bank_scale.DEFAULTS, "documents": 2, "sizes": (4, 8), "split": "test"}
+  mine = bank_scale.documents_of(options, "seen", seed=0, questions=8)
+  theirs = runner.unseen_synthetic(2, (4, 8), seed=0, questions=8)
+  assert [(d.doc_id, d.text, d.questions) for d in mine] == [(d.doc_id, d.text, d.questions) for d in theirs]
+  validation = bank_scale.documents_of({**options, "split": "validation"}, "seen", seed=0, questions=8)
+  assert {d.doc_id for d in validation}.isdisjoint(d.doc_id for d in mine)
