@@ -30,7 +30,6 @@ size's worlds. Settings come from the flags, then a `bank_scale` section of the 
 """
 
 import collections
-import json
 import math
 import time
 import types
@@ -40,8 +39,7 @@ import numpy as np
 import tqdm
 from absl import flags
 
-from doc2atom_jax import cli, fileio, shapes
-from doc2atom_jax import system as system_lib
+from doc2atom_jax import cli, shapes
 from doc2atom_jax.atoms import fusion, lexical
 from doc2atom_jax.data import synthetic
 from doc2atom_jax.errors import UserError
@@ -284,21 +282,9 @@ def format_table(rows: Sequence[dict]) -> str:
 # Command line.
 # ---------------------------------------------------------------------------------------------------------
 def settings(config) -> dict:
-  """DEFAULTS, then the config's `bank_scale` section where it has one, then --documents / --sizes / --templates."""
-  out = dict(DEFAULTS)
-  section = config.get("bank_scale") if hasattr(config, "get") else None
-  if section is not None:
-    out.update({k: v for k, v in section.items() if k in DEFAULTS})
-  for name, value in (("documents", flags.FLAGS["documents"].value), ("sizes", flags.FLAGS["sizes"].value),
-                      ("templates", _TEMPLATES.value), ("split", _SPLIT.value)):
-    if value is not None:
-      out[name] = value
-  try:
-    out["sizes"] = tuple(int(s) for s in out["sizes"])
-  except (TypeError, ValueError):
-    raise UserError(f"sizes must be whole numbers of facts, e.g. --sizes=8,16,64 (got {out['sizes']!r})") from None
-  out["templates"] = (out["templates"],) if isinstance(out["templates"], str) else tuple(out["templates"])
-  check(out["documents"], out["sizes"], out["templates"])
+  """DEFAULTS, then the config's `bank_scale` section where it has one, then the flags (routing.settings)."""
+  out = routing.settings(config, "bank_scale", DEFAULTS, {"templates": _TEMPLATES.value, "split": _SPLIT.value})
+  check(out["documents"], out["sizes"], out["templates"])  # one bank needs two documents or more
   return out
 
 
@@ -306,30 +292,20 @@ def main(args=()) -> None:
   """`python -m doc2atom_jax.eval.bank_scale --config=<file>.py [--documents=N] [--sizes=a,b] [--templates=t]
   [--split=validation|test] [--workdir=DIR]`."""
   del args
-  config = cli.config()
-  options = settings(config)
-  workdir = cli.workdir()
-  if workdir is not None:
-    workdir = fileio.writable_dir(workdir, "--workdir")
-  cli.prepare(config)
-  system = system_lib.build_system(config)
+  config, options, workdir, system = routing.start(settings)
   dtypes = {"code_dtype": config.atoms.code_dtype, "key_dtype": config.atoms.get("key_dtype", "float32")}
   rows, seconds = [], {}
   for t in options["templates"]:
-    start = time.perf_counter()
+    begin = time.perf_counter()
     docs = documents_of(options, t, seed=config.seed, questions=config.data.questions_per_document)
     rows += rows_of(t, measure(system, docs, progress=f"bank {t}", **dtypes))
-    seconds[t] = round(time.perf_counter() - start, 1)
+    seconds[t] = round(time.perf_counter() - begin, 1)
   table = format_table(rows)
   print(table)
   if workdir is not None:
-    report = {"model": config.model.name, "params": config.params or None, "settings": options, **dtypes,
-              "seconds": seconds, "rows": [{k: (None if isinstance(v, float) and math.isnan(v) else v)
-                                            for k, v in r.items()} for r in rows]}
-    fileio.atomic_write_text(workdir / "bank_scale.json", json.dumps(report, indent=1) + "\n")
-    fileio.atomic_write_text(workdir / "bank_scale.md", f"# One bank of many documents vs each document's own\n\n"
-                                                        f"{table}\n")
-    print(f"wrote {workdir / 'bank_scale.json'} and {workdir / 'bank_scale.md'}")
+    routing.write_outputs(workdir, "bank_scale", "One bank of many documents vs each document's own", table,
+                          {"model": config.model.name, "params": config.params or None, "settings": options,
+                           **dtypes, "seconds": seconds, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ import collections
 import dataclasses
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import tqdm
@@ -248,16 +248,15 @@ def format_table(rows: Sequence[dict]) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # Command line.
 # ---------------------------------------------------------------------------------------------------------
-def settings(config) -> dict:
-  """DEFAULTS, then the config's `routing` section where it has one, then --documents / --sizes."""
-  out = dict(DEFAULTS)
-  section = config.get("routing") if hasattr(config, "get") else None
-  if section is not None:
-    out.update({k: v for k, v in section.items() if k in DEFAULTS})
-  if _DOCUMENTS.value is not None:
-    out["documents"] = _DOCUMENTS.value
-  if _SIZES.value is not None:
-    out["sizes"] = _SIZES.value
+def settings(config, section: str = "routing", defaults: Mapping | None = None, extra: Mapping | None = None) -> dict:
+  """`defaults` (DEFAULTS), then the config's `section` where it has one, then --documents / --sizes and the
+  `extra` flag values that are set (name -> value or None); sizes parsed, templates a tuple, all checked."""
+  out = dict(DEFAULTS if defaults is None else defaults)
+  found = config.get(section) if hasattr(config, "get") else None
+  if found is not None:
+    out.update({k: v for k, v in found.items() if k in out})
+  given = {"documents": _DOCUMENTS.value, "sizes": _SIZES.value, **(extra or {})}
+  out.update({k: v for k, v in given.items() if v is not None})
   try:
     out["sizes"] = tuple(int(s) for s in out["sizes"])
   except (TypeError, ValueError):
@@ -267,26 +266,35 @@ def settings(config) -> dict:
   return out
 
 
-def main(args=()) -> None:
-  """`python -m doc2atom_jax.eval.routing --config=<file>.py [--documents=N] [--sizes=a,b] [--workdir=DIR]`."""
-  del args
+def start(settings_of=settings):
+  """A measuring command's start: (config, its settings, the checked --workdir or None, the built system)."""
   config = cli.config()
-  options = settings(config)
+  options = settings_of(config)
   workdir = cli.workdir()
   if workdir is not None:
     workdir = fileio.writable_dir(workdir, "--workdir")
   cli.prepare(config)
-  system = system_lib.build_system(config)
+  return config, options, workdir, system_lib.build_system(config)
+
+
+def write_outputs(workdir, stem: str, title: str, table: str, report: dict) -> None:
+  """<workdir>/<stem>.json (`report`, its rows' NaNs as null) and <stem>.md (`title` over `table`), atomically."""
+  rows = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in report["rows"]]
+  fileio.atomic_write_text(workdir / f"{stem}.json", json.dumps({**report, "rows": rows}, indent=1) + "\n")
+  fileio.atomic_write_text(workdir / f"{stem}.md", f"# {title}\n\n{table}\n")
+  print(f"wrote {workdir / f'{stem}.json'} and {workdir / f'{stem}.md'}")
+
+
+def main(args=()) -> None:
+  """`python -m doc2atom_jax.eval.routing --config=<file>.py [--documents=N] [--sizes=a,b] [--workdir=DIR]`."""
+  del args
+  config, options, workdir, system = start()
   rows = measure(system, progress="routing", **options)
   table = format_table(rows)
   print(table)
   if workdir is not None:
-    report = {"model": config.model.name, "params": config.params or None, "settings": options,
-              "rows": [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
-                       for r in rows]}
-    fileio.atomic_write_text(workdir / "routing.json", json.dumps(report, indent=1) + "\n")
-    fileio.atomic_write_text(workdir / "routing.md", f"# Routing on validation worlds\n\n{table}\n")
-    print(f"wrote {workdir / 'routing.json'} and {workdir / 'routing.md'}")
+    write_outputs(workdir, "routing", "Routing on validation worlds", table,
+                  {"model": config.model.name, "params": config.params or None, "settings": options, "rows": rows})
 
 
 if __name__ == "__main__":
