@@ -40,7 +40,7 @@ import tqdm
 from absl import flags
 
 from doc2atom_jax import cli, shapes
-from doc2atom_jax.atoms import fusion, lexical
+from doc2atom_jax.atoms import lexical
 from doc2atom_jax.data import synthetic
 from doc2atom_jax.errors import UserError
 from doc2atom_jax.eval import aggregate as agg
@@ -66,14 +66,6 @@ _TEMPLATES = flags.DEFINE_list("templates", None, f"template sets, comma-separat
 # ---------------------------------------------------------------------------------------------------------
 # One setting's routing and answers.
 # ---------------------------------------------------------------------------------------------------------
-def _system_order(system, scores: np.ndarray, question: str, lexicon: fusion.Lexicon) -> np.ndarray:
-  """Every atom column, best first, in the order `select` ranks them (routing.py's system row)."""
-  if system.method.route_score == "fused":
-    return fusion.fused_order(scores[:-1], question, lexicon, system.method.second_hop)
-  order = np.argsort(-scores[:-1], kind="stable")
-  return order[order < len(lexicon.texts)]
-
-
 def _route(system, bank, questions: Sequence[str]):
   """(indices [B, k], weights [B, k], abstain [B], top [B] of up to `routing.TOP` atoms) over `bank`'s rows."""
   indices, weights, abstain, top = [], [], [], []
@@ -85,7 +77,7 @@ def _route(system, bank, questions: Sequence[str]):
     weights.append(np.asarray(w))
     abstain.append(np.asarray(a, bool))
     scores = np.asarray(system.scores(bank, chunk))
-    top += [_system_order(system, s, q, lexicon)[:routing.TOP] for s, q in zip(scores, chunk)]
+    top += [routing.system_order(system, s, q, lexicon)[:routing.TOP] for s, q in zip(scores, chunk)]
   return np.concatenate(indices), np.concatenate(weights), np.concatenate(abstain), top
 
 
@@ -205,7 +197,7 @@ def measure(system, documents: Sequence[runner.EvalDocument], *, code_dtype: str
   kinds, evidence, doc_of = [], [], []
   for j, (doc, split) in enumerate(zip(documents, splits)):
     for q in doc.questions:
-      local = routing._evidence(doc, q, split.atoms)  # pylint: disable=protected-access
+      local = routing.evidence_labels(doc, q, split.atoms)
       evidence.append(None if local is None else [tuple(int(a + offsets[j]) for a in atoms) for atoms in local])
       kinds.append(q.kind)
       doc_of.append(j)

@@ -94,22 +94,26 @@ def rank_document(system, doc: runner.EvalDocument) -> Ranked:
   lexicon = system.lexicon(bank)
   n = len(split.atoms)
   dense_order = lambda s: _valid(np.argsort(-s[:-1], kind="stable"), n)
-  if system.method.route_score == "fused":
-    system_order = lambda s, q: fusion.fused_order(s[:-1], q, lexicon, system.method.second_hop)
-  else:
-    system_order = lambda s, q: dense_order(s)
   bm25 = [lexicon.bm25.scores(q) for q in questions]
   own_cos, template_cos = _frozen_cosines(system, split, questions, states, own)
   orders = {
-      SYSTEM: [system_order(s, q) for s, q in zip(scores, questions)],
+      SYSTEM: [system_order(system, s, q, lexicon) for s, q in zip(scores, questions)],
       "bm25": [np.argsort(-s, kind="stable") for s in bm25],
       "bm25+type": [_typed_order(s, q, lexicon.types) for s, q in zip(bm25, questions)],
       "frozen own-token cosine (centred)": [np.argsort(-c, kind="stable") for c in own_cos],
       "frozen template-pooled cosine": [np.argsort(-c, kind="stable") for c in template_cos],
       "dense": [dense_order(s) for s in scores],
   }
-  evidence = [_evidence(doc, q, split.atoms) for q in doc.questions]
-  return Ranked([q.kind for q in doc.questions], evidence, orders, np.asarray(abstain, bool))
+  labels = [evidence_labels(doc, q, split.atoms) for q in doc.questions]
+  return Ranked([q.kind for q in doc.questions], labels, orders, np.asarray(abstain, bool))
+
+
+def system_order(system, scores: np.ndarray, question: str, lexicon) -> np.ndarray:
+  """Every atom of a bank, best first, in the order `AtomSystem.select` ranks them: fused (with the configured
+  second hop) or the dense scores' stable argsort; `scores` ends with the null atom's, which is left out."""
+  if system.method.route_score == "fused":
+    return fusion.fused_order(scores[:-1], question, lexicon, system.method.second_hop)
+  return _valid(np.argsort(-scores[:-1], kind="stable"), len(lexicon.texts))
 
 
 def _valid(order: np.ndarray, n: int) -> np.ndarray:
@@ -123,7 +127,7 @@ def _typed_order(bm25: np.ndarray, question: str, types: Sequence[str]) -> np.nd
   return np.lexsort((-bm25, ~typed))
 
 
-def _evidence(doc: runner.EvalDocument, question: runner.EvalQuestion, atoms) -> list[tuple[int, ...]] | None:
+def evidence_labels(doc: runner.EvalDocument, question: runner.EvalQuestion, atoms) -> list[tuple[int, ...]] | None:
   """Per evidence fact, the atoms its span overlaps (`runner.evidence_atoms` one fact at a time, so a two-hop
   question needs one atom of each fact); None for unanswerable or unlabelled questions."""
   if not question.answerable:
